@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import torch
+from transformers.utils import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,6 +61,7 @@ def smollm2_dir():
 def load_smollm2_gguf():
     """De-quantise the GGUF (slow path, ~25 s). Returns (model, tokenizer), float32."""
     d = smollm2_dir()
+    hf_logging.disable_progress_bar()  # one de-quantisation bar per tensor group is noise in logs
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
     return model, tok
