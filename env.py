@@ -90,9 +90,9 @@ def _family_instances(f):
         sub = lambda t: Template(t).substitute(params)
         ref, ns, r = sub(f["ref"]), {}, random.Random(f"{name}/{i}")
         exec(ref, ns)                                   # our own data: the trusted reference
-        cases, seen = [], set()
+        gens, cases, seen = [compile(sub(g), name, "eval") for g in f["gen"]], [], set()
         for _ in range(50):                             # draw until N_CASES distinct inputs
-            args = tuple(eval(sub(g), {"r": r}) for g in f["gen"])
+            args = tuple(eval(g, {"r": r}) for g in gens)
             if repr(args) not in seen and len(cases) < N_CASES:
                 seen.add(repr(args))
                 cases.append((args, ns[name](*copy.deepcopy(args))))

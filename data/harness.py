@@ -37,7 +37,7 @@ try:
     send("C1")
 except BaseException as e:                             # SyntaxError, NUL bytes, too deep...
     send("C0 " + type(e).__name__)
-    _exit(0)
+    _exit(1)                                           # as python itself would: status 1
 ns = {"__name__": "solution"}                          # so `if __name__ == "__main__"` stays off
 exec(CFG["context"], ns)                               # imports/helpers the task itself provides
 
