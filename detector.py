@@ -16,8 +16,9 @@ adjacent problems) is a property of the patterns, which eval.py measures against
 SGTM (Shilov, Cloud et al. 2025) uses two definitions; we follow the paper's:
   - the paper defines FPR over retain data, FP / #retain: our fpr over non-matching completions;
   - its released trainer (sgtm/train/trainer.py, the label-corruption block) instead sets
-    #FP = forget_fpr · #TP and draws those false positives from the "adjacent" split only.
-    We do not reproduce that: here a false positive can land on any non-matching completion.
+    #FP = forget_fpr · #TP and draws those false positives from the "adjacent" split only
+    (P(FP) = #FP / #adjacent, one label per batch). We do not reproduce that: here a false
+    positive can land on any non-matching completion, one label per completion.
 precision/recall (the trainer's other mode, kept with its semantics): recall plays tpr, and the
 false-positive count is #FP = #TP · (1/precision − 1) in expectation, i.e. per call to `flags`
     fpr_eff = min(1, recall · n_match · (1/precision − 1) / n_nomatch)
