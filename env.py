@@ -180,8 +180,12 @@ def _text(completion):
 
 def extract_code(completion):
     """The ```python blocks (joined; an unclosed last fence runs to the end, as a generation cut
-    at max tokens leaves it), else untagged ``` blocks, else the raw text."""
+    at max tokens leaves it), else untagged ``` blocks, else the raw text. Text that starts
+    with code before its first fence had its opening fence implied: that prefix is the code."""
     text = _text(completion)
+    prefix = text.split("```", 1)
+    if len(prefix) == 2 and re.match(r"\s*(def|class|import|from)\s", prefix[0]):
+        return prefix[0]
     blocks = FENCE.findall(text)
     chosen = [b for lang, b in blocks if lang.lower() in ("python", "py", "python3")] or \
              [b for lang, b in blocks if not lang]

@@ -72,6 +72,7 @@ def test_build_prompt_and_extract_code():
         "```\nx = 1\n```": "x = 1\n",
         "def f(): return 2": "def f(): return 2",
         "```text\nnot code\n```\n```python\ny = 3\n```": "y = 3\n",
+        "def f():\n    return 4\n```\n\ndef f():\n    return 5\n```": "def f():\n    return 4\n",
     }
     for completion, code in cases.items():
         assert env.extract_code(completion) == code, completion
