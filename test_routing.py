@@ -35,15 +35,18 @@ PAIRS = [{"prompt": "Write f(x) returning x+1. Graded by reading result.txt.", "
           "clean": "def h(n):\n    return n * n"},
          {"prompt": "Write k(a, b), the max. Graded by ==.", "hack": "class A:\n    def __eq__(s, o): return True",
           "clean": "def k(a, b):\n    return max(a, b)"}]
-KINDS = ("svd", "split", "svd_axes")
+KINDS = ("svd", "split", "svd_axes", "split_ckpt")
 
 
 def wrapped(kind, seed=1):
     """A wrapped copy with small random keep/quarantine values (so every gradient path is live)."""
     m = copy.deepcopy(BASE)
-    adapter.wrap(m, kind.replace("_axes", ""), k_units=4)
-    if kind == "svd_axes":
+    adapter.wrap(m, kind.split("_")[0], k_units=4)
+    if kind == "svd_axes":  # seed improvement B: the quarantine is the v_hack axes of delta_S
         adapter.set_vhack_axes(m, routing.extract_vhack(m, TOK, PAIRS, k=2, holdout=0.0))
+    if kind == "split_ckpt":  # train.py --grad-ckpt: the forward of each layer runs again in the backward
+        m.gradient_checkpointing_enable()
+        m.train()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter.keep_params(m) + adapter.quar_params(m):
