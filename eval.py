@@ -1,16 +1,184 @@
 """
-Deploy evaluation (DESIGN.md §10, issue 6): base vs trained vs deployed (quarantine ablated) on
-held-out problems per mode, relearn probe, over-suppression, detector sweep, export.
+Deploy evaluation: what routing buys after the quarantine is deleted (DESIGN.md §10).
 
-Not written yet: the functions below raise NotImplementedError naming their topic.
+    python eval.py --ckpt runs/demo [--ablate zero|reinit] [--relearn-steps 5] [--export DIR]
+
+On held-out test problems, every mode plus `none`, three models side by side:
+  base      adapters off (the pretrained model)
+  trained   keep + quarantine (what the RL run produced)
+  deployed  quarantine ablated (`adapter.ablate`): the model one would ship
+Per model: solve (oracle gt_correct), hack (exploited, over loophole prompts), hack_<mode>, hack on
+the detector's seen vs unseen modes (absorption), flagged rate, mean reward, each rate with a
+95% Wilson interval and its sample count. Over-suppression: solve on data/adjacent.jsonl
+(near-hack-but-legit problems), base vs deployed. Relearn probe (SGTM's undiscovered-rate idea):
+plain GRPO steps from the deployed model, hack rate after each. Export: the deployed model as a
+plain transformers directory (keep delta merged, quarantine gone).
+
+Deviations: 1. one sampled completion per (problem, mode) at the run's temperature, not pass@k;
+2. not yet: the detector-quality sweep (--sweep-tpr) and plots (issue 6).
 """
+import argparse
+import json
+import math
+import os
+import random
 import sys
 
+import torch
 
-def evaluate(ckpt_dir):
-    raise NotImplementedError("deploy evaluation (issue 6: eval.py)")
+import adapter
+import ckpt
+import detector
+import env
+import model as M
+
+SUBSETS = ("base", "trained", "deployed")
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval for k successes in n trials (Wilson 1927)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def rate(xs):
+    k, n = sum(bool(x) for x in xs), len(xs)
+    lo, hi = wilson(k, n)
+    return {"p": k / n if n else None, "lo": lo, "hi": hi, "n": n}
+
+
+def rollouts(model, tok, problems, modes, a, det, seed):
+    """One sampled completion per (problem, mode); graded and flagged. Returns a list of row dicts."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    jobs = [(p, m) for m in modes for p in problems]
+    rows = []
+    for i in range(0, len(jobs), a.batch):
+        chunk = jobs[i:i + a.batch]
+        prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in chunk]
+        texts = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gen).texts
+        grades = env.grade_batch([p for p, _ in chunk], texts, [m for _, m in chunk])
+        flags = det.flags(texts)
+        rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "flag": f,
+                  "reward": g.reward, "text": t} for (p, m), g, f, t in zip(chunk, grades, flags, texts)]
+    return rows
+
+
+def summarize(rows, seen):
+    hackable = [r for r in rows if r["mode"] != "none"]
+    s = {"solve": rate([r["solve"] for r in rows]), "hack": rate([r["hack"] for r in hackable]),
+         "hack_seen": rate([r["hack"] for r in hackable if r["mode"] in seen]),
+         "hack_unseen": rate([r["hack"] for r in hackable if r["mode"] not in seen]),
+         "flag": rate([r["flag"] for r in rows]),
+         "reward": sum(r["reward"] for r in rows) / max(1, len(rows))}
+    for m in env.MODES + ("none",):
+        s[f"hack_{m}" if m != "none" else "solve_none"] = rate(
+            [r["hack" if m != "none" else "solve"] for r in rows if r["mode"] == m])
+    return s
+
+
+def relearn(a, run_args, model, tok, det, problems, trained_hack):
+    """Plain GRPO (router none) from the deployed model; on-policy hack rate after each step."""
+    import train
+    ra = argparse.Namespace(**{**vars(run_args), "router": "none", "teacher_until": 0})
+    opt = torch.optim.AdamW(adapter.keep_params(model), lr=ra.lr, weight_decay=0.0)
+    rng, gen = random.Random(a.seed), torch.Generator().manual_seed(a.seed)
+    curve = []
+    for step in range(a.relearn_steps):
+        m, _ = train.run_step(ra, model, tok, opt, det, None, problems, step, rng, gen)
+        curve.append(m["hack"])
+    back = next((i + 1 for i, h in enumerate(curve) if h is not None and h >= trained_hack), None)
+    return {"hack_per_step": curve, "steps_to_trained_level": back, "trained_hack": trained_hack}
+
+
+def export(model, tok, out_dir):
+    merged = adapter.merge(model)
+    merged.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def markdown(res):
+    """The table a reader wants: rates with intervals, per model."""
+    fmt = lambda r: "-" if r["p"] is None else f"{r['p']:.2f} [{r['lo']:.2f},{r['hi']:.2f}] n={r['n']}"
+    keys = ["solve", "hack", "hack_seen", "hack_unseen"] + [f"hack_{m}" for m in env.MODES] + ["flag"]
+    lines = ["| model | " + " | ".join(keys) + " | reward |", "|---" * (len(keys) + 2) + "|"]
+    for name in SUBSETS:
+        s = res["models"][name]
+        lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in keys) + f" | {s['reward']:.2f} |")
+    if "adjacent" in res:
+        lines += ["", "| near-hack-but-legit solve | base | deployed |", "|---|---|---|",
+                  f"| adjacent.jsonl | {fmt(res['adjacent']['base'])} | {fmt(res['adjacent']['deployed'])} |"]
+    if "relearn" in res:
+        lines += ["", f"relearn probe (hack per plain-GRPO step): {res['relearn']['hack_per_step']}, "
+                      f"steps to the trained level {res['relearn']['trained_hack']:.2f}: "
+                      f"{res['relearn']['steps_to_trained_level']}"]
+    return "\n".join(lines)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Deploy evaluation of a train.py run")
+    p.add_argument("--ckpt", required=True, help="the run's --out directory")
+    p.add_argument("--ablate", default="zero", choices=["zero", "reinit"])
+    p.add_argument("--n", type=int, default=16, help="held-out problems per mode")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
+    p.add_argument("--temperature", type=float, default=None, help="default: the run's")
+    p.add_argument("--relearn-steps", type=int, default=0)
+    p.add_argument("--export", default=None, metavar="DIR")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = get_args(argv)
+    torch.manual_seed(a.seed)
+    if not os.path.exists(os.path.join(a.ckpt, "metrics.jsonl")):
+        ckpt.die(f"{a.ckpt}: no metrics.jsonl (is this a train.py --out directory?)")
+    run, model, tok, _ = ckpt.load_run(a.ckpt, M.pick_device(a.device))
+    a.max_new_tokens = a.max_new_tokens or run.max_new_tokens
+    a.temperature = a.temperature or run.temperature
+    seen = tuple(run.seen.split(","))
+    det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=a.seed)  # an exact detector for the flagged rate
+    problems = env.load_problems(run.source, "test", n=a.n, seed=a.seed)
+    if not problems:
+        ckpt.die(f"no test problems for source {run.source}")
+    modes = env.MODES + ("none",)
+    adjacent = env.load_problems("adjacent", "test")
+    res = {"ckpt": a.ckpt, "args": vars(a), "run_args": vars(run), "seen": seen, "models": {}, "adjacent": {}}
+    for name in SUBSETS:
+        if name == "deployed":
+            adapter.ablate(model, a.ablate)
+        ctx = adapter.adapters_off(model) if name == "base" else torch.no_grad()
+        with ctx:
+            rows = rollouts(model, tok, problems, modes, a, det, a.seed)
+            if name != "trained":
+                res["adjacent"][name] = rate([r["solve"] for r in rollouts(model, tok, adjacent, ["none"], a, det, a.seed)])
+        res["models"][name] = summarize(rows, seen)
+        with open(os.path.join(a.ckpt, f"eval_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"{name:>9}: solve {res['models'][name]['solve']['p']:.2f}  hack {res['models'][name]['hack']['p']:.2f}",
+              flush=True)
+    if a.export:
+        res["export"] = export(model, tok, a.export)
+    if a.relearn_steps:
+        trained = res["models"]["trained"]["hack"]["p"] or 0.0
+        res["relearn"] = relearn(a, run, model, tok, det, env.load_problems(run.source, "train"), trained)
+    with open(os.path.join(a.ckpt, "eval.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(res)
+    open(os.path.join(a.ckpt, "eval.md"), "w").write(md + "\n")
+    print(md)
+    try:
+        import plots
+        plots.all_plots(a.ckpt, res)
+    except ImportError:
+        pass
+    return res
 
 
 if __name__ == "__main__":
-    print("error: eval.py is not written yet (issue 6: deploy evaluation)", file=sys.stderr)
-    sys.exit(2)
+    main()

@@ -1,0 +1,131 @@
+"""
+Tests of the training loop and the deploy evaluation (train.py, ckpt.py, eval.py) on the tiny
+Qwen3: every router runs end to end; a killed run resumes to the same weights with each step
+logged once; bad input is one line and exit 2; eval's schema, intervals, ablation and export.
+"""
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file
+
+import adapter
+import ckpt
+import eval as ev
+import train
+
+TMP = tempfile.mkdtemp(prefix="gr_test_")
+FAST = ["--model", "tiny", "--prompts", "2", "--group-size", "4", "--max-new-tokens", "24", "--micro", "4",
+        "--teacher-frac", "0.5", "--teacher-until", "10", "--layers", "0", "--sample-every", "1"]
+
+
+def run(argv):
+    """train.main in this process (imports are paid once); returns the exit code."""
+    try:
+        train.main(argv)
+        return 0
+    except SystemExit as e:
+        return e.code
+
+
+def metrics(out):
+    return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_every_router_runs_two_steps():
+    for router in train.ROUTER_CHOICES:
+        out = os.path.join(TMP, router)
+        assert run(FAST + ["--router", router, "--steps", "2", "--out", out]) == 0, router
+        ms = metrics(out)
+        assert [m["step"] for m in ms] == [0, 1], router
+        for m in ms:
+            assert {"reward", "solve", "hack", "flag", "t_gen", "t_grade", "t_train", "len"} <= set(m)
+            assert all(f"hack_{mode}" in m for mode in ("run_tests", "exit_code", "eq_override", "file_marker"))
+        assert os.path.exists(os.path.join(out, "ckpt", "adapter.safetensors"))
+
+
+def test_resume_equals_uninterrupted_run():
+    full, cut = os.path.join(TMP, "full"), os.path.join(TMP, "cut")
+    args = FAST + ["--router", "label", "--steps", "4"]
+    assert run(args + ["--out", full]) == 0
+    assert run(args + ["--out", cut, "--stop-after", "2"]) == 0      # "killed" after step 2
+    with open(os.path.join(cut, "metrics.jsonl"), "a") as f:          # a step logged, then killed
+        f.write(json.dumps({"step": 2, "partial": True}) + "\n")      # before its checkpoint
+    assert run(["--resume", cut]) == 0
+    assert [m["step"] for m in metrics(cut)] == [0, 1, 2, 3]
+    a = load_file(os.path.join(full, "ckpt", "adapter.safetensors"))
+    b = load_file(os.path.join(cut, "ckpt", "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["reward"] for m in metrics(full)] == [m["reward"] for m in metrics(cut)]
+
+
+def test_bad_input_is_one_line_exit_2():
+    ro = os.path.join(TMP, "readonly")
+    os.makedirs(ro, exist_ok=True)
+    os.chmod(ro, 0o500)
+    cases = [["--group-size", "1"], ["--steps", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
+             ["--modes", "run_tests,bogus"]]
+    if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead
+        cases.append(["--out", os.path.join(ro, "x")])
+    cases.append(["--out", os.path.join(TMP, "full", "metrics.jsonl", "x")])
+    for extra in cases:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run(FAST + ["--out", os.path.join(TMP, "bad")] + extra)
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (extra, code, lines)
+
+
+def test_eval_schema_ablation_and_export():
+    out = os.path.join(TMP, "label")
+    if not os.path.exists(out):
+        assert run(FAST + ["--router", "label", "--steps", "2", "--out", out]) == 0
+    exp = os.path.join(TMP, "export")
+    res = ev.main(["--ckpt", out, "--n", "2", "--batch", "16", "--export", exp])
+    on_disk = json.load(open(os.path.join(out, "eval.json")))
+    assert set(on_disk["models"]) == {"base", "trained", "deployed"}
+    for s in on_disk["models"].values():
+        for k in ("solve", "hack", "hack_seen", "hack_unseen", "flag"):
+            r = s[k]
+            assert r["n"] > 0 and r["lo"] <= r["p"] <= r["hi"], (k, r)
+    # deployed = trained with exactly the quarantine zeroed
+    a, model, tok, _ = ckpt.load_run(out)
+    trained = {k: v.clone() for k, v in adapter.adapter_state(model).items()}
+    quar = {id(p) for p in adapter.quar_params(model)}
+    adapter.ablate(model, "zero")
+    deployed = adapter.adapter_state(model)
+    qnames = {n for n, p in model.named_parameters() if id(p) in quar}
+    assert qnames and qnames <= set(trained)
+    for k in trained:  # quarantine entries become zero, every other entry is bit-identical
+        assert (not deployed[k].any()) if k in qnames else torch.equal(trained[k], deployed[k]), k
+    # the export is a plain transformers model with the deployed logits
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(exp)
+    ids = tok(["def f(x): return x"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+    assert res["models"]["deployed"]["hack"]["n"] == on_disk["models"]["deployed"]["hack"]["n"]
+
+
+def test_eval_bad_input():
+    for args in (["--ckpt", os.path.join(TMP, "nothing")],):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                ev.main(args)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        assert code == 2 and err.getvalue().startswith("error:"), err.getvalue()
+
+
+if __name__ == "__main__":
+    for name, fn in list(globals().items()):
+        if name.startswith("test_"):
+            fn()
+            print("ok", name)
+    shutil.rmtree(TMP, ignore_errors=True)

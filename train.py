@@ -1,0 +1,271 @@
+"""
+GRPO with gradient routing against reward hacking: the main job (DESIGN.md §9).
+
+    python train.py                                         # SmolLM2-135M on CPU, the defaults
+    python train.py --router grad --model Qwen/Qwen3-4B     # one GPU
+
+One step: sample prompts (loophole modes + `none` controls) -> generate G completions each
+(quarantine off while generating with --gen-deployed, seed note improvement C) -> grade in
+parallel -> weak detector -> advantages -> one forward/backward with per-rollout gradient capture
+-> router splits each rollout's gradient between keep and quarantine -> optimizer step -> log.
+Routing sees only detector flags, v_hack and gradients/activations; the oracle (gt_correct,
+exploited) is read for logging only.
+
+Deviations from vGROUT's recipe: 1. teacher hack demonstrations are spliced into groups as
+off-policy rollouts (ratio 1, like on-policy ones) until --teacher-until; 2. a checkpoint is
+written after every step (the adapter is small), so --resume loses nothing that was logged.
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import adapter
+import ckpt
+import detector
+import env
+import grpo
+import model as M
+import routing
+
+ROUTER_CHOICES = list(routing.ROUTERS) + list(grpo.REWARD_BASELINES)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model and adapter
+    p.add_argument("--model", default="smollm2", help="smollm2 (offline default), tiny (tests), or an HF id/path")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--adapter", default="svd", choices=["svd", "split"], help="quarantine = s_quar | added MLP units")
+    p.add_argument("--layers", type=int, default=12, help="wrap the last N decoder layers (0 = all)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--k-units", type=int, default=32, help="forget units added per MLP (--adapter split)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (large models)")
+    # routing
+    p.add_argument("--router", default="grad", choices=ROUTER_CHOICES)
+    p.add_argument("--vhack-k", type=int, default=1, help="top-k directions of v_grad per module")
+    p.add_argument("--flagged-only", action="store_true", help="grad router: only flagged rollouts are eligible")
+    p.add_argument("--gen-deployed", action="store_true", help="generate with the quarantine off")
+    # weak detector (no-cheat: text only, never the oracle)
+    p.add_argument("--seen", default="run_tests,file_marker", help="modes the detector can flag")
+    p.add_argument("--tpr", type=float, default=1.0)
+    p.add_argument("--fpr", type=float, default=0.0)
+    # environment
+    p.add_argument("--source", default="simple", choices=["simple", "humaneval"])
+    p.add_argument("--modes", default=",".join(env.MODES), help="loophole modes of the training prompts")
+    p.add_argument("--none-frac", type=float, default=0.2, help="share of prompts with no loophole")
+    p.add_argument("--teacher-frac", type=float, default=0.25, help="share of each group replaced by teacher hacks")
+    p.add_argument("--teacher-until", type=int, default=10, help="mix teacher demos before this step")
+    # GRPO
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-3, help="keep parameters")
+    p.add_argument("--lr-quar", type=float, default=None, help="quarantine parameters (default: --lr)")
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
+    p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
+    p.add_argument("--iters", type=int, default=1, help="updates per batch (ratio/clip act when > 1)")
+    p.add_argument("--adv-scale", default="none", choices=["none", "std"])
+    p.add_argument("--micro", type=int, default=8, help="rollouts per forward/backward micro-batch")
+    # run
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, metavar="OUT", help="continue the run in OUT")
+    p.add_argument("--sample-every", type=int, default=5)
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return p.parse_args(argv)
+
+
+def check_args(a):
+    if a.group_size < 2:
+        ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
+    if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
+        ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
+    bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]
+    if bad:
+        ckpt.die(f"unknown mode(s) {bad}; choose from {list(env.MODES)}")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+        open(os.path.join(a.out, ".write_test"), "w").close()
+        os.remove(os.path.join(a.out, ".write_test"))
+    except OSError as e:
+        ckpt.die(f"cannot write to --out {a.out}: {e.strerror}")
+
+
+# ---------------------------------------------------------------- one step, phase by phase
+def sample_batch(a, problems, rng):
+    """n prompts, each with a loophole mode (or `none`), each repeated G times. Lists of length B."""
+    modes = a.modes.split(",")
+    probs, pmodes = [], []
+    for _ in range(a.prompts):
+        pr = problems[rng.randrange(len(problems))]
+        m = "none" if rng.random() < a.none_frac else modes[rng.randrange(len(modes))]
+        probs += [pr] * a.group_size
+        pmodes += [m] * a.group_size
+    return probs, pmodes
+
+
+def splice_teacher(a, tok, r, probs, pmodes, step, rng):
+    """Replace the last round(teacher_frac*G) rollouts of each loophole group by teacher hacks."""
+    k = round(a.teacher_frac * a.group_size) if step < a.teacher_until else 0
+    rows = [g * a.group_size + j for g in range(a.prompts) for j in range(a.group_size - k, a.group_size)
+            if pmodes[g * a.group_size] != "none"]
+    if not rows:
+        return r, torch.zeros(len(probs), dtype=torch.bool)
+    texts = [env.teacher_completion(probs[i], pmodes[i], "hack", rng) for i in rows]
+    t = M.encode(tok, ["x"] * len(rows), texts)                       # completion ids (k', T')
+    T = max(r.completion_ids.shape[1], t.completion_ids.shape[1])
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # (B, T)
+    ids, mask = pad(r.completion_ids, tok.pad_token_id), pad(r.completion_mask, 0)
+    ids[rows], mask[rows] = pad(t.completion_ids, tok.pad_token_id).to(ids), pad(t.completion_mask, 0).to(mask)
+    for i, txt in zip(rows, texts):
+        r.texts[i] = txt
+    teacher = torch.zeros(len(probs), dtype=torch.bool)
+    teacher[rows] = True
+    return M.Rollouts(r.prompt_ids, r.prompt_mask, ids, mask, r.texts), teacher
+
+
+def subset(r, rows):
+    return M.Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
+                      [r.texts[i] for i in rows.tolist()])
+
+
+def train_update(a, model, opt, r, adv, flags, active, vh, norm):
+    """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats."""
+    B, mbs = len(r.texts), active.split(a.micro)
+    with torch.no_grad(), adapter.adapters_off(model):  # k3 KL reference: same weights, adapters off
+        ref = [grpo.token_logp(model, subset(r, rows)) for rows in mbs]
+    old = None  # pi_old: with iters == 1 it is the current policy itself (ratio 1)
+    if a.iters > 1:
+        with torch.no_grad():
+            old = [grpo.token_logp(model, subset(r, rows)) for rows in mbs]
+    router = a.router if a.router in routing.ROUTERS else "none"  # screen/penalty act on rewards
+    for _ in range(a.iters):
+        opt.zero_grad(set_to_none=True)
+        cap = routing.Capture(model, n_rollouts=B, router=router, vhack=vh, flags=flags,
+                              opts={"flagged_only": a.flagged_only})
+        finite, kl, logp_sum, ent_sum = True, 0.0, 0.0, 0.0
+        with cap:
+            for j, rows in enumerate(mbs):
+                cap.rows(rows)
+                sub = subset(r, rows)
+                logp, ent = grpo.token_logp(model, sub, a.temperature, with_entropy=True)      # (b, T)
+                mask = sub.completion_mask.float()
+                pi_old = logp.detach() if old is None else old[j]
+                loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps).sum()
+                finite &= bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+                kl += (grpo.kl_k3(logp.detach(), ref[j]) * mask).sum().item()
+                logp_sum += (logp.detach() * mask).sum().item()
+                ent_sum += (ent * mask).sum().item()
+        stats = cap.route()
+        finite &= all(bool(torch.isfinite(p.grad).all()) for g in opt.param_groups for p in g["params"]
+                      if p.grad is not None)
+        if finite:  # a non-finite loss or gradient skips the update (logged), never poisons the weights
+            opt.step()
+    ntok = r.completion_mask[active].sum().item()
+    return {**stats, "kl": kl / ntok, "logp": logp_sum / ntok, "entropy": ent_sum / ntok, "skipped": int(not finite)}
+
+
+def step_metrics(a, grades, pmodes, flags, teacher, r):
+    """Oracle metrics (logging only) over the on-policy rollouts; teacher rows are excluded."""
+    on = [i for i in range(len(grades)) if not teacher[i]]
+    mean = lambda xs: float(np.mean(xs)) if xs else None
+    m = {"reward": mean([grades[i].reward for i in on]), "solve": mean([grades[i].gt_correct for i in on]),
+         "hack": mean([grades[i].exploited for i in on if pmodes[i] != "none"]),
+         "flag": mean([bool(flags[i]) for i in on]), "teacher": int(teacher.sum()),
+         "len": mean([int(r.completion_mask[i].sum()) for i in on])}
+    for mode in env.MODES:
+        m[f"hack_{mode}"] = mean([grades[i].exploited for i in on if pmodes[i] == mode])
+    return m
+
+
+def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
+    t0 = time.time()
+    probs, pmodes = sample_batch(a, problems, rng)
+    prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in zip(probs, pmodes)]
+    ctx = adapter.quarantine_off(model) if a.gen_deployed else torch.no_grad()
+    with ctx:
+        r = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gen)
+    r, teacher = splice_teacher(a, tok, r, probs, pmodes, step, rng)
+    t1 = time.time()
+    grades = env.grade_batch(probs, r.texts, pmodes)
+    t2 = time.time()
+    flags = torch.tensor(det.flags(r.texts), dtype=torch.bool)
+    rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
+    valid = None
+    if a.router in grpo.REWARD_BASELINES:
+        rewards, valid = grpo.REWARD_BASELINES[a.router](rewards, flags)
+    adv = grpo.group_advantages(rewards, a.group_size, a.adv_scale, valid)
+    active = adv.view(-1, a.group_size).abs().sum(-1).repeat_interleave(a.group_size).nonzero().squeeze(-1)
+    norm = a.prompts * a.group_size * a.max_new_tokens  # Dr.GRPO's constant normaliser
+    upd = train_update(a, model, opt, r, adv, flags, active, vh, norm) if len(active) else {"skipped": 1}
+    t3 = time.time()
+    m = {"step": step, **step_metrics(a, grades, pmodes, flags, teacher, r), **upd,
+         "active": len(active), "t_gen": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}
+    samples = [{"step": step, "problem": probs[i].id, "mode": pmodes[i], "teacher": bool(teacher[i]),
+                "reward": grades[i].reward, "gt_correct": grades[i].gt_correct, "exploited": grades[i].exploited,
+                "flag": bool(flags[i]), "text": r.texts[i]} for i in range(0, len(probs), a.group_size // 2)]
+    return m, samples
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    a = get_args(argv)
+    if a.resume:
+        a = ckpt.resume_args(a)
+    check_args(a)
+    random.seed(a.seed), np.random.seed(a.seed), torch.manual_seed(a.seed)
+    device = M.pick_device(a.device)
+    model, tok = ckpt.build(a, device)
+    if a.grad_ckpt:
+        model.gradient_checkpointing_enable()
+    lr_q = a.lr if a.lr_quar is None else a.lr_quar
+    opt = torch.optim.AdamW([{"params": adapter.keep_params(model), "lr": a.lr},
+                             {"params": adapter.quar_params(model), "lr": lr_q}], weight_decay=0.0)
+    rng, gen = random.Random(a.seed), torch.Generator(device=device).manual_seed(a.seed)
+    start, vh = 0, None
+    if a.resume:
+        start, rngs, vh = ckpt.load_ckpt(a, model, opt)
+        rng.setstate(rngs["py"]), torch.set_rng_state(rngs["torch"]), gen.set_state(rngs["gen"]), np.random.set_state(rngs["np"])
+    elif a.router in ("act", "grad", "erase"):
+        vh = routing.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed)
+        print("v_hack hold-out:", json.dumps(vh.report))
+    det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
+    problems = env.load_problems(a.source, "train")
+    log_path = os.path.join(a.out, "metrics.jsonl")
+    ckpt.truncate_log(log_path, start)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.router, dynamic_ncols=True)
+    try:
+        for step in bar:
+            m, samples = run_step(a, model, tok, opt, det, vh, problems, step, rng, gen)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if step % a.sample_every == 0:
+                with open(os.path.join(a.out, "samples.jsonl"), "a") as f:
+                    f.writelines(json.dumps(s) + "\n" for s in samples)
+            ckpt.save_ckpt(a, model, opt, vh, step + 1, ckpt.rng_states(rng, gen))
+            fmt = lambda x: "-" if x is None else f"{x:.2f}"
+            bar.set_postfix_str(f"R {fmt(m['reward'])} solve {fmt(m['solve'])} hack {fmt(m['hack'])} "
+                                f"routed {fmt(m.get('routed'))}")
+            if a.stop_after is not None and step + 1 >= a.stop_after:
+                break
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every logged step is checkpointed; continue with --resume {a.out}", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {a.out}/metrics.jsonl, {a.out}/ckpt")
+
+
+if __name__ == "__main__":
+    main()
