@@ -14,7 +14,7 @@ import torch
 import adapter
 import grpo
 import routing
-from model import Rollouts, chat_prompt, encode, load_model
+from model import chat_prompt, encode, load_model
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # a width-64 model gains nothing from threads; on a shared 2-core box they spin (10x slower)

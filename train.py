@@ -239,7 +239,8 @@ def main(argv=None):
         start, rngs, vh = ckpt.load_ckpt(a, model, opt)
         rng.setstate(rngs["py"]), torch.set_rng_state(rngs["torch"]), gen.set_state(rngs["gen"]), np.random.set_state(rngs["np"])
     elif a.router in ("act", "grad", "erase"):
-        vh = routing.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed)
+        vh = routing.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed,
+                                    cache_dir=M.CACHE)  # cached by model, pairs and arguments
         print("v_hack hold-out:", json.dumps(vh.report))
     det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
     problems = env.load_problems(a.source, "train")
