@@ -96,7 +96,7 @@ def build(a, device):
     layers = list(range(n_layers - a.layers, n_layers)) if 0 < a.layers < n_layers else None
     try:
         adapter.wrap(model, kind=a.adapter, targets=tuple(a.targets.split(",")), layers=layers,
-                     k_units=a.k_units, model_id=a.model)
+                     k_units=a.k_units, model_id=a.model, cache_dir=M.CACHE)
     except ValueError as e:
         die(str(e))
     return model, tok
