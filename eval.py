@@ -15,7 +15,7 @@ plain GRPO steps from the deployed model, hack rate after each. Export: the depl
 plain transformers directory (keep delta merged, quarantine gone).
 
 Deviations: 1. one sampled completion per (problem, mode) at the run's temperature, not pass@k;
-2. not yet: the detector-quality sweep (--sweep-tpr) and plots (issue 6).
+2. the detector-quality sweep retrains one short run per TPR and reports its deployed model only.
 """
 import argparse
 import json
@@ -93,6 +93,23 @@ def relearn(a, run_args, model, tok, det, problems, trained_hack):
     return {"hack_per_step": curve, "steps_to_trained_level": back, "trained_hack": trained_hack}
 
 
+def sweep(a, run):
+    """Detector-quality sweep: one short training run per TPR (same arguments otherwise), deployed
+    hack vs solve per run. Each run lands in CKPT/sweep/tpr<X> and is evaluated like the main one."""
+    import train
+    points = []
+    for tpr in [float(x) for x in a.sweep_tpr.split(",")]:
+        out = os.path.join(a.ckpt, "sweep", f"tpr{tpr:g}")
+        if not os.path.exists(os.path.join(out, "metrics.jsonl")):
+            steps = a.sweep_steps or run.steps
+            train.run(argparse.Namespace(**{**vars(run), "out": out, "tpr": tpr, "steps": steps,
+                                            "resume": None, "stop_after": None}))
+        sub = main(["--ckpt", out, "--n", str(a.n), "--batch", str(a.batch), "--seed", str(a.seed)], plot=False)
+        d = sub["models"]["deployed"]
+        points.append({"tpr": tpr, "hack": d["hack"], "solve": d["solve"], "hack_unseen": d["hack_unseen"]})
+    return points
+
+
 def export(model, tok, out_dir):
     merged = adapter.merge(model)
     merged.save_pretrained(out_dir)
@@ -128,12 +145,14 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
     p.add_argument("--export", default=None, metavar="DIR")
+    p.add_argument("--sweep-tpr", default=None, help="e.g. 1,0.75,0.5,0.25,0: one training run per detector TPR")
+    p.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: the run's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, plot=True):
     a = get_args(argv)
     torch.manual_seed(a.seed)
     if not os.path.exists(os.path.join(a.ckpt, "metrics.jsonl")):
@@ -167,16 +186,16 @@ def main(argv=None):
     if a.relearn_steps:
         trained = res["models"]["trained"]["hack"]["p"] or 0.0
         res["relearn"] = relearn(a, run, model, tok, det, env.load_problems(run.source, "train"), trained)
+    if a.sweep_tpr:
+        res["sweep"] = sweep(a, run)
     with open(os.path.join(a.ckpt, "eval.json"), "w") as f:
         json.dump(res, f, indent=1)
     md = markdown(res)
     open(os.path.join(a.ckpt, "eval.md"), "w").write(md + "\n")
     print(md)
-    try:
+    if plot:
         import plots
-        plots.all_plots(a.ckpt, res)
-    except ImportError:
-        pass
+        print("plots:", ", ".join(plots.all_plots(a.ckpt, res)))
     return res
 
 

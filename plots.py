@@ -26,7 +26,7 @@ def smooth(xs, w=3):
     return out
 
 
-def training_curves(out):
+def training_curves(out, router=""):
     ms = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
     steps = [m["step"] for m in ms]
     panels = [("reward", ["reward"]), ("solve / hack", ["solve", "hack"]),
@@ -38,11 +38,11 @@ def training_curves(out):
             ys = smooth([m.get(k) for m in ms])
             pts = [(s, y) for s, y in zip(steps, ys) if y is not None]
             if pts:
-                ax.plot(*zip(*pts), label=k)
+                ax.plot(*zip(*pts), marker=".", label=k)  # markers: short runs stay visible
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{out}: training ({ms[0].get('router', '')} 3-step trailing mean)")
+    fig.suptitle(f"{out}: training, router {router or '?'} (3-step trailing mean)")
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
     fig.savefig(path, dpi=90)
@@ -73,12 +73,32 @@ def before_after(out, res):
     return path
 
 
+def pareto(out, res):
+    """Detector-quality sweep: deployed hack vs deployed solve, one point per TPR."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for p in res["sweep"]:
+        h, s = p["hack"], p["solve"]
+        ax.errorbar(h["p"], s["p"], xerr=[[h["p"] - h["lo"]], [h["hi"] - h["p"]]],
+                    yerr=[[s["p"] - s["lo"]], [s["hi"] - s["p"]]], fmt="o", capsize=2)
+        ax.annotate(f"TPR {p['tpr']:g}", (h["p"], s["p"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("deployed hack rate (lower is better)")
+    ax.set_ylabel("deployed solve rate (higher is better)")
+    ax.set_title("detector quality sweep")
+    fig.tight_layout()
+    path = os.path.join(out, "pareto.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def all_plots(out, res=None):
-    paths = [training_curves(out)]
     if res is None and os.path.exists(os.path.join(out, "eval.json")):
         res = json.load(open(os.path.join(out, "eval.json")))
+    paths = [training_curves(out, (res or {}).get("run_args", {}).get("router", ""))]
     if res is not None:
         paths.append(before_after(out, res))
+        if res.get("sweep"):
+            paths.append(pareto(out, res))
     return paths
 
 

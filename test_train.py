@@ -111,6 +111,17 @@ def test_eval_schema_ablation_and_export():
     assert res["models"]["deployed"]["hack"]["n"] == on_disk["models"]["deployed"]["hack"]["n"]
 
 
+def test_detector_sweep_runs_one_run_per_tpr():
+    out = os.path.join(TMP, "sweep_base")
+    assert run(FAST + ["--router", "label", "--steps", "1", "--out", out]) == 0
+    res = ev.main(["--ckpt", out, "--n", "1", "--sweep-tpr", "1,0", "--sweep-steps", "1"])
+    assert [p["tpr"] for p in res["sweep"]] == [1.0, 0.0]
+    for p in res["sweep"]:
+        args = json.load(open(os.path.join(out, "sweep", f"tpr{p['tpr']:g}", "ckpt", "args.json")))
+        assert args["tpr"] == p["tpr"] and args["steps"] == 1 and p["hack"]["n"] > 0
+    assert os.path.exists(os.path.join(out, "pareto.png"))
+
+
 def test_eval_bad_input():
     for args in (["--ckpt", os.path.join(TMP, "nothing")],):
         err = io.StringIO()

@@ -64,7 +64,7 @@ def get_args(argv=None):
     p.add_argument("--teacher-frac", type=float, default=0.25, help="share of each group replaced by teacher hacks")
     p.add_argument("--teacher-until", type=int, default=10, help="mix teacher demos before this step")
     # GRPO
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -222,8 +222,11 @@ def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
 # ---------------------------------------------------------------- main
 def main(argv=None):
     a = get_args(argv)
-    if a.resume:
-        a = ckpt.resume_args(a)
+    run(ckpt.resume_args(a) if a.resume else a)
+
+
+def run(a):
+    """The whole training run for an argument namespace (eval.py's sweep calls this directly)."""
     check_args(a)
     random.seed(a.seed), np.random.seed(a.seed), torch.manual_seed(a.seed)
     device = M.pick_device(a.device)
