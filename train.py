@@ -143,11 +143,11 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm):
     """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats."""
     B, mbs = len(r.texts), active.split(a.micro)
     with torch.no_grad(), adapter.adapters_off(model):  # k3 KL reference: same weights, adapters off
-        ref = [grpo.token_logp(model, subset(r, rows)) for rows in mbs]
+        ref = [grpo.token_logp(model, subset(r, rows), a.temperature) for rows in mbs]
     old = None  # pi_old: with iters == 1 it is the current policy itself (ratio 1)
     if a.iters > 1:
         with torch.no_grad():
-            old = [grpo.token_logp(model, subset(r, rows)) for rows in mbs]
+            old = [grpo.token_logp(model, subset(r, rows), a.temperature) for rows in mbs]
     router = a.router if a.router in routing.ROUTERS else "none"  # screen/penalty act on rewards
     for _ in range(a.iters):
         opt.zero_grad(set_to_none=True)
