@@ -122,6 +122,26 @@ def test_detector_sweep_runs_one_run_per_tpr():
     assert os.path.exists(os.path.join(out, "pareto.png"))
 
 
+def test_bf16_model_path():
+    """The GPU path loads Qwen3 in bf16: adapters keep float32 factors and grads; the step still works."""
+    import grpo
+    import model as M
+    import routing
+    model, tok = M.load_model("tiny")
+    model.to(torch.bfloat16)
+    adapter.wrap(model, "svd")
+    r = M.encode(tok, [M.chat_prompt(tok, "add")] * 2, ["def f(a, b): return a + b", "exit(0)"])
+    cap = routing.Capture(model, n_rollouts=2, router="label", flags=torch.tensor([False, True]))
+    with cap:
+        cap.rows(torch.arange(2))
+        logp = grpo.token_logp(model, r)
+        grpo.grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), r.completion_mask.float(), 64).sum().backward()
+    cap.route()
+    for p in adapter.keep_params(model) + adapter.quar_params(model):
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
+    assert any(p.grad.abs().sum() > 0 for p in adapter.quar_params(model))
+
+
 def test_eval_bad_input():
     for args in (["--ckpt", os.path.join(TMP, "nothing")],):
         err = io.StringIO()
