@@ -7,14 +7,18 @@ import contextlib
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
 
 import torch
 from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 
 import adapter
+import bench
 import ckpt
+import env
 import eval as ev
 import train
 
@@ -152,6 +156,23 @@ def test_eval_bad_input():
             except SystemExit as e:
                 code = e.code
         assert code == 2 and err.getvalue().startswith("error:"), err.getvalue()
+
+
+def test_bench_flop_count_is_what_torch_counts():
+    """bench.train_flops (its docstring's count) = the matmul FLOPs torch counts in one train phase, with only
+    the last of the tiny Qwen3's 2 layers wrapped: the backward stops at that layer's q/k/v inputs."""
+    a = bench.get_args(["--model", "tiny", "--prompts", "2", "--group-size", "4", "--tokens", "16", "--micro", "4"])
+    ta = train.get_args(["--model", "tiny", "--layers", "1", "--prompts", "2", "--group-size", "4"])
+    model, tok = ckpt.build(ta, "cpu")
+    opt = torch.optim.AdamW(adapter.keep_params(model) + adapter.quar_params(model))
+    probs, pmodes = train.sample_batch(ta, env.load_problems("simple", "train"), random.Random(0))
+    r, adv, flags = bench.fixed_batch(a, tok, probs, pmodes, "cpu")
+    with FlopCounterMode(display=False) as fc:
+        ref, _ = bench.ref_phase(a, model, r, "cpu")
+        bench.train_phases(a, model, opt, r, adv, flags, None, ref, "none", "cpu")
+    lin, att = bench.train_flops(model, len(probs), r.prompt_ids.shape[1], a.tokens)
+    n = fc.get_total_flops()  # attention is counted only where SDPA falls back to bmm (not CPU's flash kernel)
+    assert lin * (1 - 1e-4) <= n <= (lin + att) * (1 + 1e-4), (n, lin, att)
 
 
 if __name__ == "__main__":
