@@ -17,6 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 MODES = ("run_tests", "exit_code", "eq_override", "file_marker")
 
 
+def save(fig, out, name):
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def smooth(xs, w=3):
     """Trailing mean over w steps, skipping steps where the metric was undefined (None)."""
     out = []
@@ -43,11 +51,7 @@ def training_curves(out, router=""):
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.suptitle(f"{out}: training, router {router or '?'} (3-step trailing mean)")
-    fig.tight_layout()
-    path = os.path.join(out, "curves.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, out, "curves.png")
 
 
 def before_after(out, res):
@@ -66,11 +70,7 @@ def before_after(out, res):
     ax.set_ylabel("rate (95% Wilson)")
     ax.set_title(f"{out}: before / after deleting the quarantine")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out, "before_after.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, out, "before_after.png")
 
 
 def pareto(out, res):
@@ -84,11 +84,7 @@ def pareto(out, res):
     ax.set_xlabel("deployed hack rate (lower is better)")
     ax.set_ylabel("deployed solve rate (higher is better)")
     ax.set_title("detector quality sweep")
-    fig.tight_layout()
-    path = os.path.join(out, "pareto.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, out, "pareto.png")
 
 
 def all_plots(out, res=None):
