@@ -1,15 +1,16 @@
 """
 Where a GRPO step's time and memory go, per phase and per router (DESIGN.md §2, issue 7).
 
-    python bench.py                        # SmolLM2, CPU: 16 rollouts x 200 tokens, every router
-    python bench.py --quick                # 8 x 64, one round: a smoke run;  --json: one JSON object
+    python bench.py                        # SmolLM2, CPU: 16 rollouts x 200 tokens, every router (~7 min)
+    python bench.py --quick                # 8 x 64, one round (~1 min);  --json: one JSON object
     python bench.py --model Qwen/Qwen3-4B  # CUDA when present: synchronised clocks, max_memory_allocated
 
 train.run_step's phases, clocked around the calls train.py makes: generate (M.generate, merged
 weights re-merged after each update), grade (env.grade_batch), ref (token_logp, adapters_off),
 fwd (token_logp with entropy + grpo_loss in routing.Capture), bwd (loss.backward(): the capture
-hooks), route (Capture.route()), opt (AdamW.step()). After a warm-up, `--repeats` rounds of: ref,
-every router's fwd..opt (interleaved, so drift hits all alike), generate + grade; medians.
+hooks), route (Capture.route()), opt (AdamW.step()). After a warm-up (one micro-batch), `--repeats`
+rounds of: ref, every router's fwd..opt (interleaved, so drift hits all alike), generate + grade.
+Timings are only as good as the machine is quiet: the CPU share other processes took is reported.
 
 FLOPs of the train phase (train_peak_fraction's numerator): every matmul, per position (tok =
 B (P + T)), per module with frozen weight W and delta_S factors U, Vh (full rank: U + Vh = 1.5 W
@@ -17,8 +18,8 @@ in SmolLM2): ref 2 W; forward 2 (W + U + Vh); backward 2 (W + U + Vh) per wrappe
 only (no frozen W needs a weight gradient; s's, sum z * dh, is O(r)) but down to the FIRST
 wrapped layer, where q/k/v read an input needing no gradient: 2 U there (dh = dy U). Plus
 lm_head 3 * 2 V d B (T + 1) and attention 4 B n_h h_d (P + T)^2 a layer forward, 2x backward.
-Not the usual 6 N tok; test_train.py checks the linear part against torch.utils.flop_counter.
-The matmul peak: the best (2048, 2048) @ (2048, 2048) torch.mm in the model's dtype, same process.
+Not the usual 6 N tok; test_train.py checks the linear part against torch.utils.flop_counter. Peak:
+the best (2048, 2048) @ (2048, 2048) torch.mm in the model's dtype, in the same process.
 
 Deviations from train.py's step:
   1. The train phases run on FIXED teacher-forced rollouts (teacher demos concatenated and cut to
@@ -26,7 +27,7 @@ Deviations from train.py's step:
      generate and grade run on sampled completions of the same prompts.
   2. train_update's loop restated with clocks between its calls (iters 1, beta 0: the defaults),
      without its kl/logp/entropy sums and isfinite guards; one ref forward serves every router.
-  3. `plain` (--routers ...,plain) is no router: autograd without Capture, the floor for capture.
+     `plain` (--routers ...,plain) is no router: autograd without Capture, the floor for capture.
 
 Shapes: B rollouts = prompts * G, P prompt tokens, T completion tokens, V vocab, d hidden.
 """
@@ -69,16 +70,14 @@ def get_args(argv=None):
     p.add_argument("--tokens", type=int, default=200, help="T: completion tokens trained, max new generated")
     p.add_argument("--micro", type=int, default=8)
     # measurement
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (median)")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds after the warm-up (median)")
     p.add_argument("--quick", action="store_true", help="2 x 4 rollouts x 64 tokens, micro 4, 1 round")
-    p.add_argument("--no-startup", action="store_true", help="skip the fresh-process start-up probe")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--startup-probe", action="store_true", help=argparse.SUPPRESS)  # the subprocess
     a = p.parse_args(argv)
     if a.quick:
         a.prompts, a.group_size, a.tokens, a.micro, a.repeats = 2, 4, 64, 4, 1
-    bad = [r for r in a.routers.split(",") if r not in routing.ROUTERS and r != "plain"]
-    if bad:
+    if bad := [r for r in a.routers.split(",") if r not in routing.ROUTERS and r != "plain"]:
         ckpt.die(f"unknown router(s) {bad}; choose from {list(routing.ROUTERS) + ['plain']}")
     if min(a.prompts, a.tokens, a.micro, a.repeats) < 1 or a.group_size < 2:
         ckpt.die("--prompts, --tokens, --micro and --repeats must be >= 1, --group-size >= 2")
@@ -109,6 +108,11 @@ def peak_mb(device, reset=False):
     rss = int(m.group(1)) / 1024 if (m := re.search(r"VmHWM:\s+(\d+)", st)) else float("nan")
     return rss, torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
+def cpu_s():
+    """(busy CPU-seconds of the machine: /proc/stat's all but idle and iowait; of this process and children)."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:8]] if os.path.exists("/proc/stat") else [0] * 7
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
+
 def matmul_peak(device, dtype, n=2048, reps=5):
     """Best FLOP/s of one (n, n) @ (n, n) torch.mm in the model's dtype: this machine's ceiling."""
     x, t = torch.randn(n, n, device=device, dtype=dtype), {}
@@ -126,12 +130,10 @@ def train_flops(model, B, P, T):
     lin, att = 3 * 2 * c.vocab_size * c.hidden_size * B * (T + 1), 0           # lm_head
     for i, layer in enumerate(model.model.layers):
         for n, m in layer.named_modules():
-            if isinstance(m, adapter.SVDDelta):
-                W, U, Vh = m.base.weight.numel(), m.U.numel(), m.Vh.numel()
-            elif isinstance(m, torch.nn.Linear) and not n.endswith("base"):
-                W, U, Vh = m.weight.numel(), 0, 0
-            else:
-                continue
+            delta = isinstance(m, adapter.SVDDelta)
+            if not delta and (not isinstance(m, torch.nn.Linear) or n.endswith("base")):
+                continue  # not a linear, or the frozen base inside a delta
+            W, U, Vh = (m.base.weight.numel(), m.U.numel(), m.Vh.numel()) if delta else (m.weight.numel(), 0, 0)
             bwd = 0 if i < first else U if i == first and n.endswith(("q_proj", "k_proj", "v_proj")) else W + U + Vh
             lin += 2 * (W + (W + U + Vh) + bwd) * tok                          # ref, forward, backward
         att += attn * (2 + 2 * (i >= first))
@@ -169,8 +171,7 @@ def train_phases(a, model, opt, r, adv, flags, vh, ref, router, device):
     with cap or contextlib.nullcontext():
         for j, rows in enumerate(mbs):
             with clock(t, "fwd", device):
-                if cap:
-                    cap.rows(rows)
+                cap and cap.rows(rows)
                 sub = train.subset(r, rows)
                 logp, ent = grpo.token_logp(model, sub, 1.0, with_entropy=True)    # (b, T)
                 mask = sub.completion_mask.float()
@@ -200,24 +201,24 @@ def setup(a, device):
     ta, t = train.get_args(["--model", a.model, "--prompts", str(a.prompts), "--group-size", str(a.group_size)]), {}
     with clock(t, "load_wrap", device):
         model, tok = ckpt.build(ta, device)
-    if a.grad_ckpt:
-        model.gradient_checkpointing_enable()
+    a.grad_ckpt and model.gradient_checkpointing_enable()
     with clock(t, "v_hack", device):  # train.py's arguments, so train.py's cache entry
         vh = routing.extract_vhack(model, tok, detector.load_pairs(), k=1, seed=0, cache_dir=M.CACHE) \
             if {"act", "grad", "erase"} & set(a.routers.split(",")) else None
-    opt = torch.optim.AdamW([{"params": adapter.keep_params(model)}, {"params": adapter.quar_params(model)}],
-                            lr=ta.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(adapter.keep_params(model) + adapter.quar_params(model), lr=ta.lr, weight_decay=0.0)
     probs, pmodes = train.sample_batch(ta, env.load_problems("simple", "train"), random.Random(0))
     return model, tok, vh, opt, probs, pmodes, t
 
 def measure(a, device):
     """Warm-up, then `repeats` rounds -> ({router or 'generate': {phase: median s}}, peaks, shape)."""
+    (busy0, own0), wall0 = cpu_s(), time.perf_counter()
     model, tok, vh, opt, probs, pmodes, _ = setup(a, device)
     routers, gen = a.routers.split(","), torch.Generator(device=device).manual_seed(0)
     prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in zip(probs, pmodes)]
     r, adv, flags = fixed_batch(a, tok, probs, pmodes, device)
     M.generate(model, tok, prompts[:2], 4, generator=gen)                         # warm-up
-    train_phases(a, model, opt, r, adv, flags, vh, ref_phase(a, model, r, device)[0], routers[0], device)
+    rw = train.subset(r, w := torch.arange(min(a.micro, len(probs))))             # one micro-batch
+    train_phases(a, model, opt, rw, adv[w], flags[w], vh, ref_phase(a, model, rw, device)[0], routers[0], device)
     runs, mems, n_gen = {k: [] for k in routers + ["generate"]}, {k: [] for k in routers + ["generate"]}, []
     for i in range(a.repeats):
         ref, t_ref = ref_phase(a, model, r, device)
@@ -233,16 +234,16 @@ def measure(a, device):
         runs["generate"].append(t), mems["generate"].append(peak_mb(device)), n_gen.append(int(g.completion_mask.sum()))
     times = {k: {p: statistics.median(x[p] for x in v) for p in v[0]} for k, v in runs.items()}
     mem = {k: (max(m[0] for m in v), v[0][1] and max(m[1] for m in v)) for k, v in mems.items()}
-    B, P = r.completion_ids.shape[0], r.prompt_ids.shape[1]
+    B, P, (busy, own) = r.completion_ids.shape[0], r.prompt_ids.shape[1], cpu_s()
     shape = {"B": B, "P": P, "T": a.tokens, "gen_tokens": statistics.median(n_gen), "dtype": str(model.dtype)[6:],
-             "flops": sum(train_flops(model, B, P, a.tokens)), "peak_flop_s": matmul_peak(device, model.dtype)}
+             "flops": sum(train_flops(model, B, P, a.tokens)), "peak_flop_s": matmul_peak(device, model.dtype),
+             "others_cpu_frac": (busy - busy0 - own + own0) / (time.perf_counter() - wall0) / os.cpu_count()}
     return times, mem, shape
 
 def summarise(a, device, times, mem, shape, start):
     """One JSON-able dict: per-router phases and step, the headline ratios, the targets."""
-    routers = a.routers.split(",")
+    routers, g = a.routers.split(","), times.pop("generate")
     base, main = ("none" if "none" in routers else routers[0]), ("grad" if "grad" in routers else routers[0])
-    g = times.pop("generate")
     train_s = {k: sum(v[p] for p in PHASES[2:]) for k, v in times.items()}       # s per router
     step_s = {k: g["generate"] + g["grade"] + v for k, v in train_s.items()}
     frac = {k: shape["flops"] / v / shape["peak_flop_s"] for k, v in train_s.items()}
@@ -250,7 +251,7 @@ def summarise(a, device, times, mem, shape, start):
            "main_router": main, "phases_s": {k: {**g, **v} for k, v in times.items()}, "step_s": step_s,
            "backward_ratio": {k: v["bwd"] / times[base]["bwd"] for k, v in times.items()},
            "grade_fraction": g["grade"] / step_s[main], "grade_per_s": shape["B"] / g["grade"],
-           "startup_s": start and start["total"], "startup": start,
+           "startup_s": start["total"], "startup": start,
            "train_peak_fraction": frac[main], "train_peak_fraction_by_router": frac,
            "gen_tok_s": shape["gen_tokens"] / g["generate"], "train_tok_s": shape["B"] * shape["T"] / train_s[main],
            "peak_rss_mb": max(m[0] for m in mem.values()), "peak_rss_mb_by_phase": {k: m[0] for k, m in mem.items()},
@@ -258,7 +259,7 @@ def summarise(a, device, times, mem, shape, start):
     worst = max([v for k, v in res["backward_ratio"].items() if k != "plain"] or [1.0])
     res["targets_met"] = {"backward_ratio": worst <= TARGETS["backward_ratio"],
                           "grade_fraction": res["grade_fraction"] <= TARGETS["grade_fraction"],
-                          "startup_s": None if start is None else start["total"] <= TARGETS["startup_s"],
+                          "startup_s": start["total"] <= TARGETS["startup_s"],
                           "train_peak_fraction": frac[main] >= TARGETS["train_peak_fraction"]}
     return res
 
@@ -276,10 +277,11 @@ def table(s):
              f"completions/s, {100 * s['grade_fraction']:.1f}% of the step")
     L.append(f"train phase {s['flops'] / 1e12:.2f} TFLOP (docstring count) at {s['main_router']}'s speed = "
              f"{100 * s['train_peak_fraction']:.0f}% of the matmul peak, {s['peak_flop_s'] / 1e9:.0f} GFLOP/s")
-    L += [f"start-up, second run, fresh process: {st['total']:.1f} s = load & wrap {st['load_wrap']:.1f} + v_hack "
-          f"{st['v_hack']:.1f} + interpreter, imports, problems {st['other']:.1f}"] if st else []
-    L.append(f"peak RSS {s['peak_rss_mb']:.0f} MB | targets: " + ", ".join(
-        f"{k} {'-' if ok is None else 'ok' if ok else 'MISSED'}" for k, ok in s["targets_met"].items()))
+    L.append(f"start-up, second run, fresh process: {st['total']:.1f} s = load & wrap {st['load_wrap']:.1f} + v_hack "
+             f"{st['v_hack']:.1f} + interpreter, imports, problems {st['other']:.1f}")
+    L.append(f"peak RSS {s['peak_rss_mb']:.0f} MB | others (grading sandboxes too) took {100 * s['others_cpu_frac']:.0f}% "
+             f"of the CPUs{' (timings unreliable)' if s['others_cpu_frac'] > 0.1 else ''} | targets: " + ", ".join(
+        f"{k} {'ok' if ok else 'MISSED'}" for k, ok in s["targets_met"].items()))
     return "\n".join(L)
 
 
@@ -288,9 +290,7 @@ def main(argv=None):
     device = M.pick_device(a.device)
     if a.startup_probe:  # in the fresh process of startup(): what train.py does before its first step
         return print(json.dumps(setup(a, device)[-1]))
-    times, mem, shape = measure(a, device)
-    start = None if a.no_startup else startup(a, device)
-    res = summarise(a, device, times, mem, shape, start)
+    res = summarise(a, device, *measure(a, device), startup(a, device))
     print(json.dumps(res) if a.json else table(res))
 
 
