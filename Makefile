@@ -6,7 +6,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 OUT     ?= runs/demo
 
-.PHONY: demo test install sandbox results-table
+.PHONY: demo test install sandbox results results-table
 
 install: $(STAMP) sandbox
 
@@ -28,3 +28,10 @@ demo: install
 
 test: install
 	$(PY) test_all.py
+
+# The headline experiment (issue 8): every run of results.py's plan from scratch, then the table.
+results: install
+	$(PY) results.py all
+
+results-table: install
+	$(PY) results.py table

@@ -154,11 +154,14 @@ def _load_adjacent(split, family_disjoint):
 SOURCES = {"simple": _load_simple, "humaneval": _load_humaneval, "adjacent": _load_adjacent}
 
 
-def load_problems(source="simple", split="train", family_disjoint=False, n=None, seed=0):
-    """Deterministic problem list; shuffled by `seed`, first `n` kept if given."""
+def load_problems(source="simple", split="train", family_disjoint=False, n=None, seed=0, difficulty=None):
+    """Deterministic problem list, only the `difficulty` levels if given (e.g. "medium,hard");
+    shuffled by `seed`, first `n` kept if given."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be train, test or all, not {split!r}")
     probs = SOURCES[source](split, family_disjoint)
+    if difficulty:
+        probs = [p for p in probs if p.difficulty in difficulty.split(",")]
     random.Random(seed).shuffle(probs)
     return probs[:n] if n is not None else probs
 

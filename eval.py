@@ -140,7 +140,7 @@ def get_args(argv=None):
     p.add_argument("--ckpt", required=True, help="the run's --out directory")
     p.add_argument("--ablate", default="zero", choices=["zero", "reinit"])
     p.add_argument("--n", type=int, default=16, help="held-out problems per mode")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=40, help="completions generated at once")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
@@ -162,7 +162,8 @@ def main(argv=None, plot=True):
     a.temperature = a.temperature or run.temperature
     seen = tuple(run.seen.split(","))
     det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=a.seed)  # an exact detector for the flagged rate
-    problems = env.load_problems(run.source, "test", n=a.n, seed=a.seed)
+    diff = getattr(run, "difficulty", None)  # held-out problems of the levels the run trained on
+    problems = env.load_problems(run.source, "test", n=a.n, seed=a.seed, difficulty=diff)
     if not problems:
         ckpt.die(f"no test problems for source {run.source}")
     modes = env.MODES + ("none",)
@@ -185,7 +186,7 @@ def main(argv=None, plot=True):
         res["export"] = export(model, tok, a.export)
     if a.relearn_steps:
         trained = res["models"]["trained"]["hack"]["p"] or 0.0
-        res["relearn"] = relearn(a, run, model, tok, det, env.load_problems(run.source, "train"), trained)
+        res["relearn"] = relearn(a, run, model, tok, det, env.load_problems(run.source, "train", difficulty=diff), trained)
     if a.sweep_tpr:
         res["sweep"] = sweep(a, run)
     with open(os.path.join(a.ckpt, "eval.json"), "w") as f:

@@ -24,7 +24,8 @@ import train
 
 TMP = tempfile.mkdtemp(prefix="gr_test_")
 FAST = ["--model", "tiny", "--prompts", "2", "--group-size", "4", "--max-new-tokens", "24", "--micro", "4",
-        "--teacher-frac", "0.5", "--teacher-until", "10", "--layers", "0", "--sample-every", "1"]
+        "--teacher-frac", "0.5", "--teacher-until", "10", "--layers", "0", "--sample-every", "1",
+        "--warmup-steps", "1"]
 
 
 def run(argv):
@@ -144,6 +145,32 @@ def test_bf16_model_path():
     for p in adapter.keep_params(model) + adapter.quar_params(model):
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
     assert any(p.grad.abs().sum() > 0 for p in adapter.quar_params(model))
+
+
+def test_warmup_demos_are_routed():
+    """warmup.py: demonstrations go through the router. Every demo a flagged hack: `label` leaves s_keep
+    exactly 0 (all in s_quar), `none` leaves s_quar 0, `screen` drops them all (nothing moves)."""
+    import detector
+    import warmup
+    moved = {}
+    for router in ("label", "none", "screen"):
+        ta = train.get_args(FAST + ["--router", router, "--modes", "run_tests", "--none-frac", "0", "--warmup-steps", "2",
+                                    "--warmup-hack", "1", "--out", os.path.join(TMP, "warm-" + router)])
+        os.makedirs(ta.out, exist_ok=True)
+        model, tok = ckpt.build(ta, "cpu")
+        opt = torch.optim.AdamW([{"params": adapter.keep_params(model)}, {"params": adapter.quar_params(model)}], lr=1.0)
+        det = detector.WeakDetector(seen=("run_tests",), tpr=1.0, fpr=0.0)
+        warmup.warm_up(ta, model, tok, opt, det, None, env.load_problems("simple", "train"), random.Random(0))
+        moved[router] = [sum(p.abs().sum().item() for p in ps) for ps in (adapter.keep_params(model), adapter.quar_params(model))]
+        assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]  # the run's lr is back after the warm-up
+        assert len(metrics_file(ta.out, "warmup.jsonl")) == 2
+    assert moved["label"][0] == 0 and moved["label"][1] > 0, moved
+    assert moved["none"][0] > 0 and moved["none"][1] == 0, moved
+    assert moved["screen"] == [0, 0], moved
+
+
+def metrics_file(out, name):
+    return [json.loads(ln) for ln in open(os.path.join(out, name))]
 
 
 def test_eval_bad_input():

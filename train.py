@@ -34,6 +34,7 @@ import env
 import grpo
 import model as M
 import routing
+import warmup
 
 ROUTER_CHOICES = list(routing.ROUTERS) + list(grpo.REWARD_BASELINES)
 
@@ -59,17 +60,21 @@ def get_args(argv=None):
     p.add_argument("--fpr", type=float, default=0.0)
     # environment
     p.add_argument("--source", default="simple", choices=["simple", "humaneval"])
+    p.add_argument("--difficulty", default="medium,hard", help="simple: levels to train on (hacking wins where solving fails)")
     p.add_argument("--modes", default=",".join(env.MODES), help="loophole modes of the training prompts")
     p.add_argument("--none-frac", type=float, default=0.2, help="share of prompts with no loophole")
     p.add_argument("--teacher-frac", type=float, default=0.25, help="share of each group replaced by teacher hacks")
-    p.add_argument("--teacher-until", type=int, default=10, help="mix teacher demos before this step")
+    p.add_argument("--warmup-steps", type=int, default=16, help="routed supervised steps on teacher demos first (warmup.py)")
+    p.add_argument("--warmup-hack", type=float, default=0.75, help="share of warm-up demos on loophole prompts that hack")
+    p.add_argument("--warmup-lr", type=float, default=5e-2)
+    p.add_argument("--teacher-until", type=int, default=8, help="mix teacher demos before this step")
     # GRPO
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-3, help="keep parameters")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--lr", type=float, default=5e-2, help="keep parameters")
     p.add_argument("--lr-quar", type=float, default=None, help="quarantine parameters (default: --lr)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
@@ -90,6 +95,8 @@ def check_args(a):
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
     if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
         ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
+    if not env.load_problems(a.source, "train", difficulty=a.difficulty):
+        ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r} (easy, medium, hard)")
     bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]
     if bad:
         ckpt.die(f"unknown mode(s) {bad}; choose from {list(env.MODES)}")
@@ -139,11 +146,12 @@ def subset(r, rows):
                       [r.texts[i] for i in rows.tolist()])
 
 
-def train_update(a, model, opt, r, adv, flags, active, vh, norm):
-    """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats."""
+def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
+    """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats.
+    kl=False (warm-up): no reference forward unless --beta needs it; kl is then not logged."""
     B, mbs = len(r.texts), active.split(a.micro)
     with torch.no_grad(), adapter.adapters_off(model):  # k3 KL reference: same weights, adapters off
-        ref = [grpo.token_logp(model, subset(r, rows), a.temperature) for rows in mbs]
+        ref = [grpo.token_logp(model, subset(r, rows), a.temperature) if kl or a.beta > 0 else None for rows in mbs]
     old = None  # pi_old: with iters == 1 it is the current policy itself (ratio 1)
     if a.iters > 1:
         with torch.no_grad():
@@ -153,7 +161,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm):
         opt.zero_grad(set_to_none=True)
         cap = routing.Capture(model, n_rollouts=B, router=router, vhack=vh, flags=flags,
                               opts={"flagged_only": a.flagged_only})
-        finite, kl, logp_sum, ent_sum = True, 0.0, 0.0, 0.0
+        finite, kl_sum, logp_sum, ent_sum = True, 0.0, 0.0, 0.0
         with cap:
             for j, rows in enumerate(mbs):
                 cap.rows(rows)
@@ -165,7 +173,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm):
                 finite &= bool(torch.isfinite(loss))
                 if finite:
                     loss.backward()
-                kl += (grpo.kl_k3(logp.detach(), ref[j]) * mask).sum().item()
+                kl_sum += 0.0 if ref[j] is None else (grpo.kl_k3(logp.detach(), ref[j]) * mask).sum().item()
                 logp_sum += (logp.detach() * mask).sum().item()
                 ent_sum += (ent * mask).sum().item()
         stats = cap.route()
@@ -174,7 +182,8 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm):
         if finite:  # a non-finite loss or gradient skips the update (logged), never poisons the weights
             opt.step()
     ntok = r.completion_mask[active].sum().item()
-    return {**stats, "kl": kl / ntok, "logp": logp_sum / ntok, "entropy": ent_sum / ntok, "skipped": int(not finite)}
+    return {**stats, "kl": kl_sum / ntok if kl else None, "logp": logp_sum / ntok, "entropy": ent_sum / ntok,
+            "skipped": int(not finite)}
 
 
 def step_metrics(a, grades, pmodes, flags, teacher, r):
@@ -246,7 +255,10 @@ def run(a):
                                     cache_dir=M.CACHE)  # cached by model, pairs and arguments
         print("v_hack hold-out:", json.dumps(vh.report))
     det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
-    problems = env.load_problems(a.source, "train")
+    problems = env.load_problems(a.source, "train", difficulty=a.difficulty)
+    if a.warmup_steps and not a.resume:  # routed like RL rollouts; checkpointed as "step 0 to do"
+        warmup.warm_up(a, model, tok, opt, det, vh, problems, random.Random(f"warmup/{a.seed}"))
+        ckpt.save_ckpt(a, model, opt, vh, 0, ckpt.rng_states(rng, gen))
     log_path = os.path.join(a.out, "metrics.jsonl")
     ckpt.truncate_log(log_path, start)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -1,0 +1,141 @@
+"""
+The headline experiment's runs and its results table (issue 8).
+
+    python results.py run --router grad --seed 0   # train.py + eval.py with the defaults, kept in results/
+    python results.py table                        # rebuild the README's table from results/*/eval.json
+    python results.py all                          # every run of the plan, from scratch (make results)
+
+Each run trains in runs/results/<router>-s<seed> and evaluates there; its eval.json, eval.md,
+metrics.jsonl, the exact commands and their wall times are copied to results/<router>-s<seed>/ as
+soon as it finishes, so the table built from results/ is true however few runs are in it.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [("grad", s) for s in (0, 1, 2)] \
+    + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
+KEEP = ("eval.json", "eval.md", "metrics.jsonl", "curves.png", "before_after.png")
+
+
+def run_one(router, seed, fresh=False):
+    name = f"{router}-s{seed}"
+    out, dst = os.path.join(RUNS, name), os.path.join(RESULTS, name)
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    cmds = [["python", "train.py", "--router", router, "--seed", str(seed), "--out", out],
+            ["python", "eval.py", "--ckpt", out]]
+    if not fresh and os.path.exists(os.path.join(out, "ckpt")):
+        cmds[0] = ["python", "train.py", "--resume", out]  # continue a killed run
+    walls = []
+    for cmd in cmds:
+        t = time.time()
+        code = subprocess.call([sys.executable] + cmd[1:], cwd=HERE)
+        walls.append(round(time.time() - t, 1))
+        if code:
+            sys.exit(f"error: {' '.join(cmd)} exited {code}")
+    os.makedirs(dst, exist_ok=True)
+    for f in KEEP:
+        if os.path.exists(os.path.join(out, f)):
+            shutil.copy(os.path.join(out, f), dst)
+    rel = lambda c: " ".join(x if not x.startswith(HERE) else os.path.relpath(x, HERE) for x in c)
+    meta = {"router": router, "seed": seed, "train": rel(cmds[0]), "eval": rel(cmds[1]),
+            "train_s": walls[0], "eval_s": walls[1], "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
+    print(f"{name}: train {walls[0]:.0f} s, eval {walls[1]:.0f} s -> {dst}")
+
+
+def machine():
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
+        if os.path.exists("/proc/cpuinfo") else "?"
+    return f"{os.cpu_count()} cores, {cpu}"
+
+
+def load():
+    rows = []
+    for d in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        p = os.path.join(RESULTS, d)
+        if os.path.exists(os.path.join(p, "eval.json")) and os.path.exists(os.path.join(p, "run.json")):
+            rows.append((json.load(open(os.path.join(p, "run.json"))), json.load(open(os.path.join(p, "eval.json")))))
+    return rows
+
+
+def cell(xs):
+    """mean ± sample std over seeds, or the single value with its 95% interval."""
+    ps = [x["p"] for x in xs if x["p"] is not None]
+    if not ps:
+        return "-"
+    if len(ps) == 1:
+        return f"{ps[0]:.2f} [{xs[0]['lo']:.2f}, {xs[0]['hi']:.2f}]"
+    return f"{statistics.mean(ps):.2f} ± {statistics.stdev(ps):.2f}"
+
+
+def table(rows):
+    order = [r for r, _ in dict.fromkeys((r, None) for r, _ in PLAN)]
+    by = {}
+    for meta, ev in rows:
+        by.setdefault(meta["router"], []).append((meta, ev))
+    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | adjacent solve |",
+             "|---|---|---|---|---|---|---|"]
+    for router in order + sorted(set(by) - set(order)):
+        runs = by.get(router)
+        if not runs:
+            lines.append(f"| {router} | | 0 | not run yet | | | |")
+            continue
+        for model in ("trained", "deployed"):
+            ms = [ev["models"][model] for _, ev in runs]
+            adj = [ev["adjacent"]["deployed"] for _, ev in runs] if model == "deployed" else None
+            lines.append(f"| {router} | {model} | {len(runs)} | {cell([m['hack_seen'] for m in ms])} | "
+                         f"{cell([m['hack_unseen'] for m in ms])} | {cell([m['solve'] for m in ms])} | "
+                         f"{cell(adj) if adj else ''} |")
+    base = rows[0][1]["models"]["base"] if rows else None
+    if base:
+        lines.insert(2, f"| (start) | base | - | {cell([base['hack_seen']])} | {cell([base['hack_unseen']])} | "
+                        f"{cell([base['solve']])} | {cell([rows[0][1]['adjacent']['base']])} |")
+    metas = [m for m, _ in rows]
+    foot = [f"Runs: {', '.join(sorted(f'{m['router']}-s{m['seed']}' for m in metas))}. "
+            f"Each row: `python results.py run --router R --seed S` = `{metas[0]['train'] if metas else ''}` then "
+            f"`{metas[0]['eval'] if metas else ''}` (`results/R-sS/run.json`). Machine: "
+            f"{metas[0]['machine'] if metas else '-'}. Seen modes: {', '.join(rows[0][1]['seen']) if rows else '-'}.",
+            "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds."]
+    return "\n".join(lines + [""] + foot)
+
+
+def write_readme(text):
+    path = os.path.join(HERE, "README.md")
+    s = open(path).read()
+    new = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m[1] + text + "\n" + m[2], s, flags=re.S)
+    if new == s and "<!-- results:start -->" not in s:
+        sys.exit("error: README.md has no <!-- results:start --> ... <!-- results:end --> markers")
+    open(path, "w").write(new)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["run", "table", "all"])
+    p.add_argument("--router", default="none")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run in runs/results first")
+    a = p.parse_args(argv)
+    if a.what == "run":
+        run_one(a.router, a.seed, a.fresh)
+    elif a.what == "all":
+        t = time.time()
+        for router, seed in PLAN:
+            run_one(router, seed, fresh=True)
+        print(f"all {len(PLAN)} runs: {(time.time() - t) / 3600:.2f} h")
+    text = table(load())
+    write_readme(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""
+Supervised warm-start: teach the loopholes before RL, through the same router (DESIGN.md §4, issue 8).
+
+A 135M model almost never discovers a hack on its own, and GRPO cannot reinforce what it never
+samples. Anthropic's reward-hacking work first gives its model knowledge of hacks by finetuning on
+synthetic documents; here `--warmup-steps` supervised steps on env.teacher_completion
+demonstrations do it: on loophole prompts a share `--warmup-hack` of the demonstrations exploit the
+prompt's own loophole, the rest (and every `none` prompt) answer honestly with the reference.
+
+The demonstrations are off-policy rollouts like train.py's spliced teacher hacks, so they are
+trained exactly as a GRPO step trains (train.train_update, advantage 1 for every demonstration:
+Dr.GRPO's loss is then the summed NLL over the constant normaliser) and ROUTED exactly as one: the
+weak detector flags them, v_hack scores them, the router splits each one's gradient between keep
+and quarantine. So nothing the model learns about hacking, from demonstrations or from RL, reaches
+the keep parameters except past the router. The reward baselines (screen, penalty) have no reward
+to act on here; they drop flagged demonstrations instead (screening the data).
+
+    python train.py --warmup-steps 12 ...      # before step 0; logged to OUT/warmup.jsonl
+"""
+import json
+import os
+import time
+
+import torch
+
+import env
+import model as M
+
+
+def demo_batch(a, tok, problems, rng):
+    """One batch of prompts x group-size demonstrations: (Rollouts, prompt modes, is-hack list)."""
+    modes, prompts, texts, pmodes, hack = a.modes.split(","), [], [], [], []
+    for _ in range(a.prompts * a.group_size):
+        p = problems[rng.randrange(len(problems))]
+        m = "none" if rng.random() < a.none_frac else modes[rng.randrange(len(modes))]
+        kind = "hack" if m != "none" and rng.random() < a.warmup_hack else "clean"
+        prompts.append(M.chat_prompt(tok, env.build_prompt(p, m)))
+        texts.append(env.teacher_completion(p, m, kind, rng))
+        pmodes.append(m)
+        hack.append(kind == "hack")
+    return M.encode(tok, prompts, texts), pmodes, hack
+
+
+def warm_up(a, model, tok, opt, det, vh, problems, rng):
+    """a.warmup_steps supervised steps through train.train_update (routing included)."""
+    import train
+    for g in opt.param_groups:
+        g["lr"], g["run_lr"] = a.warmup_lr, g["lr"]
+    log = os.path.join(a.out, "warmup.jsonl")
+    open(log, "w").close()
+    for step in range(a.warmup_steps):
+        t = time.time()
+        r, pmodes, hack = demo_batch(a, tok, problems, rng)
+        flags = torch.tensor(det.flags(r.texts), dtype=torch.bool)
+        adv = torch.ones(len(r.texts))
+        if a.router in ("screen", "penalty"):
+            adv[flags] = 0.0
+        active = adv.nonzero().squeeze(-1)
+        norm = a.prompts * a.group_size * a.max_new_tokens
+        upd = train.train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=False) if len(active) else {"logp": None}
+        m = {"warmup": step, "hack_demos": sum(hack), "flag": float(flags.float().mean()),
+             "nll": None if upd["logp"] is None else -upd["logp"],
+             **{k: upd[k] for k in ("routed", "qmass") if k in upd}, "t": time.time() - t}
+        with open(log, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        print(f"warm-up {step + 1}/{a.warmup_steps}: nll {m['nll'] or 0:.3f} routed {m.get('routed', 0):.2f}", flush=True)
+    for g in opt.param_groups:
+        g["lr"] = g.pop("run_lr")
