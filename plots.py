@@ -50,7 +50,7 @@ def training_curves(out, router=""):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{out}: training, router {router or '?'} (3-step trailing mean)")
+    fig.suptitle(f"{os.path.basename(os.path.normpath(out))}: training, router {router or '?'} (3-step trailing mean)")
     return save(fig, out, "curves.png")
 
 
@@ -68,7 +68,7 @@ def before_after(out, res):
     ax.set_xticks(range(len(keys)), [k + (" (seen)" if k[5:] in seen else "") for k in keys], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("rate (95% Wilson)")
-    ax.set_title(f"{out}: before / after deleting the quarantine")
+    ax.set_title(f"{os.path.basename(os.path.normpath(out))}: before / after deleting the quarantine")
     ax.legend()
     return save(fig, out, "before_after.png")
 

@@ -101,7 +101,10 @@ def table(rows):
         lines.insert(2, f"| (start) | base | - | {cell([base['hack_seen']])} | {cell([base['hack_unseen']])} | "
                         f"{cell([base['solve']])} | {cell([rows[0][1]['adjacent']['base']])} |")
     metas = [m for m, _ in rows]
-    foot = [f"Runs: {', '.join(sorted(f'{m['router']}-s{m['seed']}' for m in metas))}. "
+    if not metas:
+        return "\n".join(lines + ["", "No run has finished yet."])
+    names = ", ".join(sorted(f"{m['router']}-s{m['seed']}" for m in metas))
+    foot = [f"Runs: {names}. "
             f"Each row: `python results.py run --router R --seed S` = `{metas[0]['train'] if metas else ''}` then "
             f"`{metas[0]['eval'] if metas else ''}` (`results/R-sS/run.json`). Machine: "
             f"{metas[0]['machine'] if metas else '-'}. Seen modes: {', '.join(rows[0][1]['seen']) if rows else '-'}.",
