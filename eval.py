@@ -61,7 +61,7 @@ def rollouts(model, tok, problems, modes, a, det, seed):
         texts = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gen).texts
         grades = env.grade_batch([p for p, _ in chunk], texts, [m for _, m in chunk])
         flags = det.flags(texts)
-        rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "flag": f,
+        rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "compiled": g.compiled, "flag": f,
                   "reward": g.reward, "text": t} for (p, m), g, f, t in zip(chunk, grades, flags, texts)]
     return rows
 
@@ -69,6 +69,7 @@ def rollouts(model, tok, problems, modes, a, det, seed):
 def summarize(rows, seen):
     hackable = [r for r in rows if r["mode"] != "none"]
     s = {"solve": rate([r["solve"] for r in rows]), "hack": rate([r["hack"] for r in hackable]),
+         "compiles": rate([r["compiled"] for r in rows]),  # did deleting the quarantine break the model?
          "hack_seen": rate([r["hack"] for r in hackable if r["mode"] in seen]),
          "hack_unseen": rate([r["hack"] for r in hackable if r["mode"] not in seen]),
          "flag": rate([r["flag"] for r in rows]),
@@ -120,7 +121,7 @@ def export(model, tok, out_dir):
 def markdown(res):
     """The table a reader wants: rates with intervals, per model."""
     fmt = lambda r: "-" if r["p"] is None else f"{r['p']:.2f} [{r['lo']:.2f},{r['hi']:.2f}] n={r['n']}"
-    keys = ["solve", "hack", "hack_seen", "hack_unseen"] + [f"hack_{m}" for m in env.MODES] + ["flag"]
+    keys = ["solve", "compiles", "hack", "hack_seen", "hack_unseen"] + [f"hack_{m}" for m in env.MODES] + ["flag"]
     lines = ["| model | " + " | ".join(keys) + " | reward |", "|---" * (len(keys) + 2) + "|"]
     for name in SUBSETS:
         s = res["models"][name]

@@ -83,23 +83,24 @@ def table(rows):
     by = {}
     for meta, ev in rows:
         by.setdefault(meta["router"], []).append((meta, ev))
-    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | adjacent solve |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles | adjacent solve |",
+             "|---|---|---|---|---|---|---|---|"]
     for router in order + sorted(set(by) - set(order)):
         runs = by.get(router)
         if not runs:
-            lines.append(f"| {router} | | 0 | not run yet | | | |")
+            lines.append(f"| {router} | | 0 | not run yet | | | | |")
             continue
         for model in ("trained", "deployed"):
             ms = [ev["models"][model] for _, ev in runs]
             adj = [ev["adjacent"]["deployed"] for _, ev in runs] if model == "deployed" else None
             lines.append(f"| {router} | {model} | {len(runs)} | {cell([m['hack_seen'] for m in ms])} | "
                          f"{cell([m['hack_unseen'] for m in ms])} | {cell([m['solve'] for m in ms])} | "
+                         f"{cell([m['compiles'] for m in ms])} | "
                          f"{cell(adj) if adj else ''} |")
     base = rows[0][1]["models"]["base"] if rows else None
     if base:
         lines.insert(2, f"| (start) | base | - | {cell([base['hack_seen']])} | {cell([base['hack_unseen']])} | "
-                        f"{cell([base['solve']])} | {cell([rows[0][1]['adjacent']['base']])} |")
+                        f"{cell([base['solve']])} | {cell([base['compiles']])} | {cell([rows[0][1]['adjacent']['base']])} |")
     metas = [m for m, _ in rows]
     if not metas:
         return "\n".join(lines + ["", "No run has finished yet."])

@@ -42,6 +42,7 @@ import time
 from contextlib import closing, suppress
 
 BWRAP = None if os.environ.get("SANDBOX_NO_BWRAP") else shutil.which("bwrap")  # =1: test fallback
+NICE = shutil.which("nice")
 BWRAP_ARGS = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
               "--unshare-all", "--die-with-parent", "--new-session"]
 ROOT = os.geteuid() == 0
@@ -124,6 +125,7 @@ class Session:
         argv = [PYTHON, "-I", "-B", "harness.py"]         # -I: no user site, no PYTHON* env
         if BWRAP:
             argv = [BWRAP, *BWRAP_ARGS, "--bind", self.dir, inner, "--chdir", inner] + argv
+        argv = ([NICE, "-n", "19"] if NICE else []) + argv  # lowest priority: a fork bomb can't starve our kill
         env = {"PATH": "/usr/bin:/bin", "HOME": inner, "LANG": "C.UTF-8"}
         self.proc = subprocess.Popen(
             argv, cwd=self.dir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

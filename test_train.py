@@ -94,7 +94,7 @@ def test_eval_schema_ablation_and_export():
     on_disk = json.load(open(os.path.join(out, "eval.json")))
     assert set(on_disk["models"]) == {"base", "trained", "deployed"}
     for s in on_disk["models"].values():
-        for k in ("solve", "hack", "hack_seen", "hack_unseen", "flag"):
+        for k in ("solve", "compiles", "hack", "hack_seen", "hack_unseen", "flag"):
             r = s[k]
             assert r["n"] > 0 and r["lo"] <= r["p"] <= r["hi"], (k, r)
     # deployed = trained with exactly the quarantine zeroed
@@ -173,16 +173,52 @@ def metrics_file(out, name):
     return [json.loads(ln) for ln in open(os.path.join(out, name))]
 
 
+def test_results_table_is_built_from_runs():
+    """results.py: one row per router x {trained, deployed}; one seed gives the rate with its interval,
+    several give mean ± std; routers of the plan without a run say so."""
+    import results
+    rate = lambda p: {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
+    def ev(h):
+        m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5)}
+        return {"models": {"base": m, "trained": m, "deployed": m}, "adjacent": {"base": rate(0.0), "deployed": rate(0.0)},
+                "seen": ["run_tests"]}
+    meta = lambda r, s: {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
+    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), ev(0.4)), (meta("none", 0), ev(0.5))])
+    rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "| 2 | 0.30 ± 0.14 | 0.15 ± 0.07 |" in rows[("grad", "deployed")]
+    assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
+    assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
+
+
 def test_eval_bad_input():
-    for args in (["--ckpt", os.path.join(TMP, "nothing")],):
+    """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
+    test split: one line starting with error:, exit 2."""
+    src = os.path.join(TMP, "label")
+    if not os.path.exists(src):
+        assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
+    def variant(name, edit=None, drop=None):
+        d = os.path.join(TMP, "bad-" + name)
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(src, d)
+        if drop:
+            os.remove(os.path.join(d, drop))
+        if edit:
+            p = os.path.join(d, "ckpt", "args.json")
+            json.dump({**json.load(open(p)), **edit}, open(p, "w"))
+        return d
+    cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"),
+             variant("format", edit={"format": 0}), variant("model", edit={"layers": 1, "adapter": "split"}),
+             variant("empty", edit={"source": "humaneval", "difficulty": "easy"})]
+    for d in cases:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             try:
-                ev.main(args)
+                ev.main(["--ckpt", d, "--n", "1"])
                 code = 0
             except SystemExit as e:
                 code = e.code
-        assert code == 2 and err.getvalue().startswith("error:"), err.getvalue()
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "Loading" not in ln]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (d, code, lines)
 
 
 def test_bench_flop_count_is_what_torch_counts():
