@@ -173,11 +173,11 @@ def test_hostile_programs():
         g = env.grade(ADD, code, mode, timeout=timeout)
         return name, mode, g, time.monotonic() - t
 
-    with ThreadPoolExecutor(12) as ex:
+    with ThreadPoolExecutor(4 * (os.cpu_count() or 1)) as ex:  # grade_batch's concurrency
         results = list(ex.map(lambda nm: one(*nm), [(n, m) for n in HOSTILE for m in ALL_MODES]))
     assert len(HOSTILE) >= 15
     for name, mode, g, took in results:
-        assert took < timeout + 2.0, (name, mode, took)
+        assert took < timeout + 3.0, (name, mode, took)  # measured max ~2.9 s on 2 loaded cores, torch in-process
         assert not g.gt_correct, (name, mode, g)
     assert sandbox.leftover() == [], "sandbox processes left running"
     assert not [p for p in OUTSIDE if os.path.exists(p)], "a program wrote outside its temp dir"
