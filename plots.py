@@ -38,17 +38,17 @@ def training_curves(out, router=""):
     ms = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
     steps = [m["step"] for m in ms]
     panels = [("reward", ["reward"]), ("solve / hack", ["solve", "hack"]),
-              ("hack per mode (each step, unsmoothed)", [f"hack_{m}" for m in MODES]), ("routing", ["routed", "qmass", "flag"]),
+              ("hack per mode (each step, unsmoothed)", [f"hack_{m}" for m in MODES]),
+              ("routing", ["routed", "qmass", "flag"]),
               ("KL to base (k3, per token)", ["kl"]), ("entropy", ["entropy"])]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (title, keys) in zip(axes.flat, panels):
         for k in keys:
-            ys = [m.get(k) for m in ms] if k.startswith("hack_") else smooth([m.get(k) for m in ms])
+            raw = k.startswith("hack_")  # a mode is not drawn every step: its points stand alone
+            ys = [m.get(k) for m in ms] if raw else smooth([m.get(k) for m in ms])
             pts = [(s, y) for s, y in zip(steps, ys) if y is not None]
             if pts:
-                # per-mode points are separate samples (a mode is not drawn every step): no joining lines
-                ax.plot(*zip(*pts), marker="o" if k.startswith("hack_") else ".", ls="" if k.startswith("hack_") else "-",
-                        label=k)
+                ax.plot(*zip(*pts), marker="o" if raw else ".", ls="" if raw else "-", label=k)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
