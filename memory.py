@@ -116,17 +116,18 @@ def largest_group(a, per_tok_layer, budget):
 
 
 def main(argv=None):
+    import train
+    d = train.get_args([])  # the defaults of the command whose memory this is
     p = argparse.ArgumentParser(description="Qwen3-4B peak GPU memory on paper (train.py defaults)")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--prompts", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--micro", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--prompts", type=int, default=d.prompts)
+    p.add_argument("--group-size", type=int, default=d.group_size)
+    p.add_argument("--micro", type=int, default=d.micro)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--prompt-tokens", type=int, default=200, help="chat prompt length (simple problems: ~150-200)")
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--budget-gb", type=float, default=80.0)
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     per = measure_layer_bytes(QWEN3_4B)
     print(f"measured: {per / 1e3:.0f} kB saved per token per wrapped Qwen3-4B layer (bf16, routed forward)")
     terms, peak, extra = estimate(a, per)

@@ -97,8 +97,8 @@ def table(rows):
                          f"{cell([m['hack_unseen'] for m in ms])} | {cell([m['solve'] for m in ms])} | "
                          f"{cell([m['compiles'] for m in ms])} | "
                          f"{cell(adj) if adj else ''} |")
-    base = rows[0][1]["models"]["base"] if rows else None
-    if base:
+    if rows:
+        base = rows[0][1]["models"]["base"]
         lines.insert(2, f"| (start) | base | - | {cell([base['hack_seen']])} | {cell([base['hack_unseen']])} | "
                         f"{cell([base['solve']])} | {cell([base['compiles']])} | {cell([rows[0][1]['adjacent']['base']])} |")
     metas = [m for m, _ in rows]
@@ -106,9 +106,9 @@ def table(rows):
         return "\n".join(lines + ["", "No run has finished yet."])
     names = ", ".join(sorted(f"{m['router']}-s{m['seed']}" for m in metas))
     foot = [f"Runs: {names}. "
-            f"Each row: `python results.py run --router R --seed S` = `{metas[0]['train'] if metas else ''}` then "
-            f"`{metas[0]['eval'] if metas else ''}` (`results/R-sS/run.json`). Machine: "
-            f"{metas[0]['machine'] if metas else '-'}. Seen modes: {', '.join(rows[0][1]['seen']) if rows else '-'}.",
+            f"Each row: `python results.py run --router R --seed S` = `{metas[0]['train']}` then "
+            f"`{metas[0]['eval']}` (`results/R-sS/run.json`). Machine: "
+            f"{metas[0]['machine']}. Seen modes: {', '.join(rows[0][1]['seen'])}.",
             "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds."]
     return "\n".join(lines + [""] + foot)
 

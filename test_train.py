@@ -37,8 +37,8 @@ def run(argv):
         return e.code
 
 
-def metrics(out):
-    return [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+def metrics(out, name="metrics.jsonl"):
+    return [json.loads(ln) for ln in open(os.path.join(out, name))]
 
 
 def test_every_router_runs_two_steps():
@@ -163,14 +163,10 @@ def test_warmup_demos_are_routed():
         warmup.warm_up(ta, model, tok, opt, det, None, env.load_problems("simple", "train"), random.Random(0))
         moved[router] = [sum(p.abs().sum().item() for p in ps) for ps in (adapter.keep_params(model), adapter.quar_params(model))]
         assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]  # the run's lr is back after the warm-up
-        assert len(metrics_file(ta.out, "warmup.jsonl")) == 2
+        assert len(metrics(ta.out, "warmup.jsonl")) == 2
     assert moved["label"][0] == 0 and moved["label"][1] > 0, moved
     assert moved["none"][0] > 0 and moved["none"][1] == 0, moved
     assert moved["screen"] == [0, 0], moved
-
-
-def metrics_file(out, name):
-    return [json.loads(ln) for ln in open(os.path.join(out, name))]
 
 
 def test_results_table_is_built_from_runs():
