@@ -8,7 +8,7 @@ Where a GRPO step's time and memory go, per phase and per router (DESIGN.md §2,
 train.run_step's phases, clocked around the calls train.py makes: generate (M.generate, merged
 weights re-merged after each update), grade (env.grade_batch), ref (token_logp, adapters_off),
 fwd (token_logp with entropy + grpo_loss in routing.Capture), bwd (loss.backward(): the capture
-hooks), route (Capture.route()), opt (AdamW.step()). After a warm-up (one micro-batch), `--repeats`
+hooks), route (Capture.route()), opt (optim.RoutedAdamW.step()). After a warm-up (one micro-batch), `--repeats`
 rounds of: ref, every router's fwd..opt (interleaved, so drift hits all alike), generate + grade.
 Timings are only as good as the machine is quiet: the CPU share other processes took is reported.
 
@@ -205,7 +205,7 @@ def setup(a, device):
     with clock(t, "v_hack", device):  # train.py's arguments, so train.py's cache entry
         vh = routing.extract_vhack(model, tok, detector.load_pairs(), k=1, seed=0, cache_dir=M.CACHE) \
             if {"act", "grad", "erase"} & set(a.routers.split(",")) else None
-    opt = torch.optim.AdamW(adapter.keep_params(model) + adapter.quar_params(model), lr=ta.lr, weight_decay=0.0)
+    opt = train.make_optimizer(ta, model)
     probs, pmodes = train.sample_batch(ta, env.load_problems("simple", "train"), random.Random(0))
     return model, tok, vh, opt, probs, pmodes, t
 

@@ -147,6 +147,24 @@ def test_bf16_model_path():
     assert any(p.grad.abs().sum() > 0 for p in adapter.quar_params(model))
 
 
+def test_routing_partitions_the_update():
+    """optim.RoutedAdamW: a `label` run's trained model s_keep + s_quar is the `none` run's s_keep, step for
+    step (routing only decides where the update is stored); plain AdamW moves s_quar at full lr instead."""
+    ends = {}
+    for router, opt in (("none", "routed"), ("label", "routed"), ("label", "adamw")):
+        out = os.path.join(TMP, f"part-{router}-{opt}")
+        assert run(FAST + ["--router", router, "--optim", opt, "--steps", "3", "--lr", "0.05", "--out", out]) == 0
+        sd = load_file(os.path.join(out, "ckpt", "adapter.safetensors"))
+        ends[router, opt] = {k[:-len(".s_keep")]: (v, sd[k[:-len("keep")] + "quar"]) for k, v in sd.items()
+                             if k.endswith(".s_keep")}
+    none, routed, adamw = ends["none", "routed"], ends["label", "routed"], ends["label", "adamw"]
+    gap = lambda run: max((run[n][0] + run[n][1] - none[n][0]).abs().max().item() for n in none)
+    assert max(q.abs().max().item() for _, q in routed.values()) > 1e-2  # something was routed
+    assert all(q.abs().max() == 0 for _, q in none.values())
+    assert gap(routed) < 1e-5, gap(routed)
+    assert gap(adamw) > 1e-2, gap(adamw)
+
+
 def test_warmup_demos_are_routed():
     """warmup.py: demonstrations go through the router. Every demo a flagged hack: `label` leaves s_keep
     exactly 0 (all in s_quar), `none` leaves s_quar 0, `screen` drops them all (nothing moves)."""

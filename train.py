@@ -7,7 +7,7 @@ GRPO with gradient routing against reward hacking: the main job (DESIGN.md §9).
 One step: sample prompts (loophole modes + `none` controls) -> generate G completions each
 (quarantine off while generating with --gen-deployed, seed note improvement C) -> grade in
 parallel -> weak detector -> advantages -> one forward/backward with per-rollout gradient capture
--> router splits each rollout's gradient between keep and quarantine -> optimizer step -> log.
+-> router splits each rollout's gradient between keep and quarantine -> optim.RoutedAdamW step -> log.
 Routing sees only detector flags, v_hack and gradients/activations; the oracle (gt_correct,
 exploited) is read for logging only.
 
@@ -33,6 +33,7 @@ import detector
 import env
 import grpo
 import model as M
+import optim
 import routing
 import warmup
 
@@ -76,6 +77,8 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=5e-2, help="keep parameters")
     p.add_argument("--lr-quar", type=float, default=None, help="quarantine parameters (default: --lr)")
+    p.add_argument("--optim", default="routed", choices=["routed", "adamw"],
+                   help="routed: s_keep/s_quar share Adam's second moment, so routing partitions the update (optim.py)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
     p.add_argument("--iters", type=int, default=1, help="updates per batch (ratio/clip act when > 1)")
@@ -234,6 +237,15 @@ def main(argv=None):
     run(ckpt.resume_args(a) if a.resume else a)
 
 
+def make_optimizer(a, model):
+    """Keep and quarantine groups; --optim routed shares Adam's second moment within each pair (optim.py)."""
+    lr_q = a.lr if a.lr_quar is None else a.lr_quar
+    groups = [{"params": adapter.keep_params(model), "lr": a.lr}, {"params": adapter.quar_params(model), "lr": lr_q}]
+    if a.optim == "routed":
+        return optim.RoutedAdamW(groups, optim.routed_pairs(model))
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
 def run(a):
     """The whole training run for an argument namespace (eval.py's sweep calls this directly)."""
     check_args(a)
@@ -242,9 +254,7 @@ def run(a):
     model, tok = ckpt.build(a, device)
     if a.grad_ckpt:
         model.gradient_checkpointing_enable()
-    lr_q = a.lr if a.lr_quar is None else a.lr_quar
-    opt = torch.optim.AdamW([{"params": adapter.keep_params(model), "lr": a.lr},
-                             {"params": adapter.quar_params(model), "lr": lr_q}], weight_decay=0.0)
+    opt = make_optimizer(a, model)
     rng, gen = random.Random(a.seed), torch.Generator(device=device).manual_seed(a.seed)
     start, vh = 0, None
     if a.resume:

@@ -1,0 +1,81 @@
+"""
+AdamW for routed parameter pairs: one shared second moment, so routing partitions the update.
+
+Gradient routing (Cloud et al. 2024, arXiv 2410.04332) and SGTM (Shilov, Cloud et al. 2025,
+arXiv 2512.05648) steer only the backward: the forward is the same with or without routing, and
+the routed share of each example's gradient is stored in parameters that are deleted at deploy.
+With delta_S both halves sit on the same singular values, s = s_keep + s_quar, and each gets
+  keep.grad = sum_b (1 - f_b) g_b        quar.grad = sum_b f_b g_b        (routing.py)
+so keep.grad + quar.grad is exactly the unrouted gradient. SGD keeps that: the two updates add up
+to plain SGD's, and s_quar holds exactly the routed share. Plain Adam does not: it divides each
+parameter by the root of ITS OWN second moment, so a quarantine that receives a sliver of the
+gradient (f_b ~ 0.05) still moves ~lr per step, in the direction of that sliver's noise; with
+momentum it keeps moving on steps where nothing is routed at all. Measured (README, issue 8):
+`grad` routed 3-12% of the step's gradient, yet deleting its s_quar broke the model (compile rate
+0.76 -> 0.09).
+
+RoutedAdamW gives each pair (s_keep, s_quar) of one module the second moment of their SUM:
+  m_k = b1 m_k + (1-b1) g_k          m_q = b1 m_q + (1-b1) g_q
+  v   = b2 v   + (1-b2) (g_k + g_q)^2                      (one v per singular value)
+  s_keep -= lr   * m_k^ / (sqrt(v^) + eps)     s_quar -= lr_q * m_q^ / (sqrt(v^) + eps)
+m is linear in g, so with lr_q = lr the two updates add up to AdamW's update of the unrouted
+gradient: the trained model s_keep + s_quar follows the `none` run exactly (test_train.py), and
+routing decides only where the update is stored. Parameters without a partner (SGTM's forget
+units, the v_hack-axes quarantine of variant B, a keep with no quarantine) get plain AdamW.
+
+Deviations from torch.optim.AdamW: no amsgrad, foreach or fused paths; decoupled weight decay is
+applied to each parameter (it too adds up). Shapes: every tensor has its parameter's shape.
+"""
+import torch
+
+import adapter
+
+
+def routed_pairs(model):
+    """{keep: quar, quar: keep} for every delta_S whose s_quar shares s_keep's axes."""
+    out = {}
+    for m in adapter.adapter_modules(model, adapter.SVDDelta).values():
+        if m.s_quar is not None and m.quar_axes is None:
+            out[m.s_keep], out[m.s_quar] = m.s_quar, m.s_keep
+    return out
+
+
+class RoutedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW, except that partnered parameters share the second moment of their summed grad."""
+
+    def __init__(self, params, partner=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.partner = partner or {}  # param -> param: not in the state dict (rebuilt from the model)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                q, g = self.partner.get(p), p.grad
+                g_sum = g if q is None or q.grad is None else g + q.grad  # the unrouted gradient
+                st = self.state[p]
+                if not st:
+                    st["step"], st["m"], st["v"] = torch.tensor(0.0), torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                st["m"].lerp_(g, 1 - b1)                                   # m = b1 m + (1-b1) g
+                st["v"].mul_(b2).addcmul_(g_sum, g_sum, value=1 - b2)       # v = b2 v + (1-b2) g_sum^2
+                t = st["step"].item()
+                denom = (st["v"] / (1 - b2 ** t)).sqrt_().add_(eps)
+                p.mul_(1 - lr * wd).addcdiv_(st["m"], denom, value=-lr / (1 - b1 ** t))
+
+
+if __name__ == "__main__":
+    # Self-check: two parameters a, b fed g_a = (1-f) g, g_b = f g add up to AdamW on one parameter fed g.
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Parameter(torch.zeros(5)) for _ in range(3))
+    routed = RoutedAdamW([a, b], partner={a: b, b: a}, lr=0.1)
+    plain = torch.optim.AdamW([c], lr=0.1, weight_decay=0.0)
+    for _ in range(20):
+        g, f = torch.randn(5), torch.rand(5)
+        a.grad, b.grad, c.grad = (1 - f) * g, f * g, g.clone()
+        routed.step(), plain.step()
+    print(f"max |(a + b) - AdamW| = {(a + b - c).abs().max().item():.1e}   |b| = {b.abs().max().item():.2f}")
+    assert torch.allclose(a + b, c, atol=1e-6)
