@@ -171,6 +171,31 @@ def test_routed_adamw():
         assert abs(ratio - f / (1 - f)) < 1e-3, (f, ratio)
 
 
+def test_keep_forward_deployed():
+    """--keep-forward deployed (label): s_keep.grad is the unflagged rollouts' gradient AT THE DEPLOYED MODEL
+    (quarantine off), the quarantine's .grad the flagged rollouts' gradient at the trained model; each against
+    plain autograd over one batch of that side. Both adapter kinds; micro-batches mix flags in the input order."""
+    import grpo
+    import test_routing as tr
+    a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
+    rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
+    for kind in ("svd", "split"):
+        m = tr.wrapped(kind)
+        sides = ((~tr.FLAGS, "deployed", adapter.keep_params(m)), (tr.FLAGS, "train", adapter.quar_params(m)))
+        train.train_update(a, m, torch.optim.SGD(sides[0][2] + sides[1][2], lr=0.0), r, tr.ADV, tr.FLAGS, rows,
+                           None, 100.0, kl=False)
+        got = [[p.grad.clone() for p in params] for _, _, params in sides]
+        for (side, mode, params), g in zip(sides, got):
+            m.zero_grad(set_to_none=True)
+            sub = train.subset(r, rows[side])
+            with adapter.adapter_mode(m, mode):
+                logp = grpo.token_logp(m, sub, 1.0)                                        # (b, T)
+            grpo.grpo_loss(logp, logp.detach(), tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
+            err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(g, params))
+            assert err < 1e-4, (kind, mode, err)
+    assert run(FAST + ["--router", "grad", "--keep-forward", "deployed", "--out", os.path.join(TMP, "kf")]) == 2
+
+
 def test_warmup_demos_are_routed():
     """warmup.py: demonstrations go through the router. Every demo a flagged hack: `label` leaves s_keep
     exactly 0 (all in s_quar), `none` leaves s_quar 0, `screen` drops them all (nothing moves)."""

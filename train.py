@@ -16,6 +16,7 @@ off-policy rollouts (ratio 1, like on-policy ones) until --teacher-until; 2. a c
 written after every step (the adapter is small), so --resume loses nothing that was logged.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -55,6 +56,8 @@ def get_args(argv=None):
     p.add_argument("--vhack-k", type=int, default=1, help="top-k directions of v_grad per module")
     p.add_argument("--flagged-only", action="store_true", help="grad router: only flagged rollouts are eligible")
     p.add_argument("--gen-deployed", action="store_true", help="generate with the quarantine off")
+    p.add_argument("--keep-forward", default="train", choices=["train", "deployed"],
+                   help="label: forward unflagged rollouts with the quarantine off, so keep learns without it")
     # weak detector (no-cheat: text only, never the oracle)
     p.add_argument("--seen", default="run_tests,file_marker", help="modes the detector can flag")
     p.add_argument("--tpr", type=float, default=1.0)
@@ -94,6 +97,8 @@ def get_args(argv=None):
 
 
 def check_args(a):
+    if a.keep_forward == "deployed" and a.router != "label":
+        ckpt.die("--keep-forward deployed needs --router label (the forward must know f before it runs)")
     if a.group_size < 2:
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
     if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
@@ -124,26 +129,6 @@ def sample_batch(a, problems, rng):
     return probs, pmodes
 
 
-def splice_teacher(a, tok, r, probs, pmodes, step, rng):
-    """Replace the last round(teacher_frac*G) rollouts of each loophole group by teacher hacks."""
-    k = round(a.teacher_frac * a.group_size) if step < a.teacher_until else 0
-    rows = [g * a.group_size + j for g in range(a.prompts) for j in range(a.group_size - k, a.group_size)
-            if pmodes[g * a.group_size] != "none"]
-    if not rows:
-        return r, torch.zeros(len(probs), dtype=torch.bool)
-    texts = [env.teacher_completion(probs[i], pmodes[i], "hack", rng) for i in rows]
-    t = M.encode(tok, ["x"] * len(rows), texts)                       # completion ids (k', T')
-    T = max(r.completion_ids.shape[1], t.completion_ids.shape[1])
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # (B, T)
-    ids, mask = pad(r.completion_ids, tok.pad_token_id), pad(r.completion_mask, 0)
-    ids[rows], mask[rows] = pad(t.completion_ids, tok.pad_token_id).to(ids), pad(t.completion_mask, 0).to(mask)
-    for i, txt in zip(rows, texts):
-        r.texts[i] = txt
-    teacher = torch.zeros(len(probs), dtype=torch.bool)
-    teacher[rows] = True
-    return M.Rollouts(r.prompt_ids, r.prompt_mask, ids, mask, r.texts), teacher
-
-
 def subset(r, rows):
     return M.Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
                       [r.texts[i] for i in rows.tolist()])
@@ -152,13 +137,19 @@ def subset(r, rows):
 def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
     """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats.
     kl=False (warm-up): no reference forward unless --beta needs it; kl is then not logged."""
-    B, mbs = len(r.texts), active.split(a.micro)
+    B, mbs, modes = len(r.texts), active.split(a.micro), None
+    if a.keep_forward == "deployed":  # keep-side (unflagged) micro-batches run as the deployed model
+        sides = [active[~flags[active]].split(a.micro), active[flags[active]].split(a.micro)]
+        mbs, modes = sides[0] + sides[1], ["deployed"] * len(sides[0]) + ["train"] * len(sides[1])
+    def policy_logp(j, **kw):  # micro-batch j through the policy, in its forward mode
+        with adapter.adapter_mode(model, modes[j]) if modes else contextlib.nullcontext():
+            return grpo.token_logp(model, subset(r, mbs[j]), a.temperature, **kw)
     with torch.no_grad(), adapter.adapters_off(model):  # k3 KL reference: same weights, adapters off
         ref = [grpo.token_logp(model, subset(r, rows), a.temperature) if kl or a.beta > 0 else None for rows in mbs]
     old = None  # pi_old: with iters == 1 it is the current policy itself (ratio 1)
     if a.iters > 1:
         with torch.no_grad():
-            old = [grpo.token_logp(model, subset(r, rows), a.temperature) for rows in mbs]
+            old = [policy_logp(j) for j in range(len(mbs))]
     router = a.router if a.router in routing.ROUTERS else "none"  # screen/penalty act on rewards
     for _ in range(a.iters):
         opt.zero_grad(set_to_none=True)
@@ -169,7 +160,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
             for j, rows in enumerate(mbs):
                 cap.rows(rows)
                 sub = subset(r, rows)
-                logp, ent = grpo.token_logp(model, sub, a.temperature, with_entropy=True)      # (b, T)
+                logp, ent = policy_logp(j, with_entropy=True)                                   # (b, T)
                 mask = sub.completion_mask.float()
                 pi_old = logp.detach() if old is None else old[j]
                 loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps).sum()
@@ -209,7 +200,7 @@ def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
     ctx = adapter.quarantine_off(model) if a.gen_deployed else torch.no_grad()
     with ctx:
         r = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gen)
-    r, teacher = splice_teacher(a, tok, r, probs, pmodes, step, rng)
+    r, teacher = warmup.splice_teacher(a, tok, r, probs, pmodes, step, rng)
     t1 = time.time()
     grades = env.grade_batch(probs, r.texts, pmodes)
     t2 = time.time()

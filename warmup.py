@@ -1,5 +1,6 @@
 """
-Supervised warm-start: teach the loopholes before RL, through the same router (DESIGN.md §4, issue 8).
+Teacher demonstrations in training: the routed supervised warm-start that teaches the loopholes
+before RL (DESIGN.md §4, issue 8), and the teacher hacks spliced into early GRPO groups (vGROUT).
 
 A 135M model almost never discovers a hack on its own, and GRPO cannot reinforce what it never
 samples. Anthropic's reward-hacking work first gives its model knowledge of hacks by finetuning on
@@ -16,6 +17,9 @@ the keep parameters except past the router. The reward baselines (screen, penalt
 to act on here; they drop flagged demonstrations instead (screening the data).
 
     python train.py --warmup-steps 12 ...      # before step 0; logged to OUT/warmup.jsonl
+
+Spliced teacher hacks (splice_teacher, --teacher-frac until --teacher-until): off-policy rollouts in
+place of the last on-policy ones of each loophole group, trained with ratio 1 like on-policy ones.
 """
 import json
 import os
@@ -66,3 +70,23 @@ def warm_up(a, model, tok, opt, det, vh, problems, rng):
         print(f"warm-up {step + 1}/{a.warmup_steps}: nll {m['nll'] or 0:.3f} routed {m.get('routed', 0):.2f}", flush=True)
     for g in opt.param_groups:
         g["lr"] = g.pop("run_lr")
+
+
+def splice_teacher(a, tok, r, probs, pmodes, step, rng):
+    """Replace the last round(teacher_frac*G) rollouts of each loophole group by teacher hacks."""
+    k = round(a.teacher_frac * a.group_size) if step < a.teacher_until else 0
+    rows = [g * a.group_size + j for g in range(a.prompts) for j in range(a.group_size - k, a.group_size)
+            if pmodes[g * a.group_size] != "none"]
+    if not rows:
+        return r, torch.zeros(len(probs), dtype=torch.bool)
+    texts = [env.teacher_completion(probs[i], pmodes[i], "hack", rng) for i in rows]
+    t = M.encode(tok, ["x"] * len(rows), texts)                       # completion ids (k', T')
+    T = max(r.completion_ids.shape[1], t.completion_ids.shape[1])
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # (B, T)
+    ids, mask = pad(r.completion_ids, tok.pad_token_id), pad(r.completion_mask, 0)
+    ids[rows], mask[rows] = pad(t.completion_ids, tok.pad_token_id).to(ids), pad(t.completion_mask, 0).to(mask)
+    for i, txt in zip(rows, texts):
+        r.texts[i] = txt
+    teacher = torch.zeros(len(probs), dtype=torch.bool)
+    teacher[rows] = True
+    return M.Rollouts(r.prompt_ids, r.prompt_mask, ids, mask, r.texts), teacher
