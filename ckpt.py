@@ -67,7 +67,7 @@ def resume_args(a):
     path = os.path.join(a.resume, "ckpt", "args.json")
     if not os.path.exists(path):
         die(f"--resume {a.resume}: no checkpoint there (expected {path})")
-    saved = {"optim": "adamw", **json.load(open(path))}  # runs from before optim.py used plain AdamW
+    saved = {"optim": "adamw", "keep_forward": "train", **json.load(open(path))}  # defaults of older runs
     if a.model != saved["model"] and a.model != "smollm2":
         die(f"--resume {a.resume} was trained with --model {saved['model']}, not {a.model}")
     return argparse.Namespace(**{**saved, "resume": a.resume, "out": a.resume, "stop_after": a.stop_after})

@@ -56,8 +56,9 @@ def get_args(argv=None):
     p.add_argument("--vhack-k", type=int, default=1, help="top-k directions of v_grad per module")
     p.add_argument("--flagged-only", action="store_true", help="grad router: only flagged rollouts are eligible")
     p.add_argument("--gen-deployed", action="store_true", help="generate with the quarantine off")
-    p.add_argument("--keep-forward", default="train", choices=["train", "deployed"],
-                   help="label: forward unflagged rollouts with the quarantine off, so keep learns without it")
+    p.add_argument("--keep-forward", default="auto", choices=["auto", "train", "deployed"],
+                   help="deployed: unflagged rollouts run with the quarantine off, so keep learns without it "
+                        "(label only; auto = deployed for label, else train)")
     # weak detector (no-cheat: text only, never the oracle)
     p.add_argument("--seen", default="run_tests,file_marker", help="modes the detector can flag")
     p.add_argument("--tpr", type=float, default=1.0)
@@ -96,7 +97,13 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def keep_forward(a):
+    """--keep-forward auto: deployed for label (f is known before the forward), train otherwise."""
+    return a.keep_forward if a.keep_forward != "auto" else ("deployed" if a.router == "label" else "train")
+
+
 def check_args(a):
+    a.keep_forward = keep_forward(a)
     if a.keep_forward == "deployed" and a.router != "label":
         ckpt.die("--keep-forward deployed needs --router label (the forward must know f before it runs)")
     if a.group_size < 2:
@@ -138,7 +145,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
     """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats.
     kl=False (warm-up): no reference forward unless --beta needs it; kl is then not logged."""
     B, mbs, modes = len(r.texts), active.split(a.micro), None
-    if a.keep_forward == "deployed":  # keep-side (unflagged) micro-batches run as the deployed model
+    if keep_forward(a) == "deployed":  # keep-side (unflagged) micro-batches run as the deployed model
         sides = [active[~flags[active]].split(a.micro), active[flags[active]].split(a.micro)]
         mbs, modes = sides[0] + sides[1], ["deployed"] * len(sides[0]) + ["train"] * len(sides[1])
     def policy_logp(j, **kw):  # micro-batch j through the policy, in its forward mode
