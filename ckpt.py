@@ -28,6 +28,7 @@ import adapter
 import routing
 
 FORMAT = 1  # bump when the layout changes; eval.py refuses other formats
+OLD_DEFAULTS = {"optim": "adamw", "keep_forward": "train"}  # what runs saved before these arguments did
 
 
 def die(msg):
@@ -67,7 +68,7 @@ def resume_args(a):
     path = os.path.join(a.resume, "ckpt", "args.json")
     if not os.path.exists(path):
         die(f"--resume {a.resume}: no checkpoint there (expected {path})")
-    saved = {"optim": "adamw", "keep_forward": "train", **json.load(open(path))}  # defaults of older runs
+    saved = {**OLD_DEFAULTS, **json.load(open(path))}
     if a.model != saved["model"] and a.model != "smollm2":
         die(f"--resume {a.resume} was trained with --model {saved['model']}, not {a.model}")
     return argparse.Namespace(**{**saved, "resume": a.resume, "out": a.resume, "stop_after": a.stop_after})
@@ -108,7 +109,7 @@ def load_run(out, device="cpu"):
     path = os.path.join(d, "args.json")
     if not os.path.exists(path):
         die(f"{out}: no checkpoint ({path} missing); train with: python train.py --out {out}")
-    saved = json.load(open(path))
+    saved = {**OLD_DEFAULTS, **json.load(open(path))}
     if saved.get("format") != FORMAT:
         die(f"{out}: checkpoint format {saved.get('format')} is not {FORMAT}; retrain it with this version")
     a = argparse.Namespace(**saved)

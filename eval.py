@@ -83,7 +83,7 @@ def summarize(rows, seen):
 def relearn(a, run_args, model, tok, det, problems, trained_hack):
     """Plain GRPO (router none) from the deployed model; on-policy hack rate after each step."""
     import train
-    ra = argparse.Namespace(**{**vars(run_args), "router": "none", "teacher_until": 0})
+    ra = argparse.Namespace(**{**vars(run_args), "router": "none", "teacher_until": 0, "keep_forward": "train"})
     opt = torch.optim.AdamW(adapter.keep_params(model), lr=ra.lr, weight_decay=0.0)
     rng, gen = random.Random(a.seed), torch.Generator().manual_seed(a.seed)
     curve = []

@@ -18,8 +18,10 @@ RoutedAdamW gives each pair (s_keep, s_quar) of one module one second moment, of
   m_k = b1 m_k + (1-b1) g_k          m_q = b1 m_q + (1-b1) g_q
   v   = b2 v   + (1-b2) (g_k^2 + g_q^2)                    (one v per singular value)
   s_keep -= lr   * m_k^ / (sqrt(v^) + eps)     s_quar -= lr_q * m_q^ / (sqrt(v^) + eps)
-so each part moves in proportion to its share of the gradient: a quarantine fed f g moves ~f lr,
-and with nothing routed (router none) s_keep takes exactly AdamW's step. Why not the second moment
+so each part moves in proportion to its share of the gradient: a quarantine fed f g moves f/(1-f)
+as far as the keep fed (1-f) g (each f/sqrt(f^2 + (1-f)^2) lr a step, so the pair moves up to 1.41x
+AdamW's step at f = 0.5), and with nothing routed (router none) s_keep takes exactly AdamW's step.
+Each partner stores its own copy of v (equal while train.py writes both grads every step). Why not the second moment
 of the SUM g_k + g_q (which would make the two updates add up to AdamW's exactly)? Because keep and
 quarantine gradients often cancel (clean and hack demonstrations pull a singular value opposite
 ways): the sum's v is then small while each part is large, and each part's step explodes (measured:
@@ -52,7 +54,8 @@ class RoutedAdamW(torch.optim.Optimizer):
         self.partner = partner or {}  # param -> param: not in the state dict (rebuilt from the model)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
         for group in self.param_groups:
             (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -69,6 +72,7 @@ class RoutedAdamW(torch.optim.Optimizer):
                 t = st["step"].item()
                 denom = (st["v"] / (1 - b2 ** t)).sqrt_().add_(eps)
                 p.mul_(1 - lr * wd).addcdiv_(st["m"], denom, value=-lr / (1 - b1 ** t))
+        return loss
 
 
 if __name__ == "__main__":

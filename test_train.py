@@ -149,7 +149,8 @@ def test_bf16_model_path():
 
 def test_routed_adamw():
     """optim.RoutedAdamW: with nothing routed (router none) the run equals plain AdamW's; a quarantine fed a
-    share f of the gradient moves f/(1-f) as far as the keep (plain AdamW moves it as far, whatever f)."""
+    share f of the gradient moves f/(1-f) as far as the keep (plain AdamW moves it as far, whatever f); when
+    the two cancel (g_q = -0.9 g_k) neither steps further than lr (one v of the SUM would give ~10 lr)."""
     ends = {}
     for opt in ("routed", "adamw"):
         out = os.path.join(TMP, f"optim-{opt}")
@@ -159,16 +160,19 @@ def test_routed_adamw():
     assert any(v.abs().max() > 1e-2 for k, v in ends["routed"].items() if k.endswith("s_keep"))
     model, _ = ckpt.build(train.get_args(["--model", "tiny", "--layers", "1", "--targets", "q_proj"]), "cpu")
     (m,) = adapter.adapter_modules(model).values()
-    for f in (0.05, 0.5):
+    for f in (0.05, 0.5, "cancel"):
         for p in (m.s_keep, m.s_quar):
             p.data.zero_()
         opt, g = train.make_optimizer(train.get_args(["--lr", "0.01"]), model), torch.Generator().manual_seed(0)
         for _ in range(10):
             grad = torch.randn(m.s_keep.shape, generator=g) + 1.0
-            m.s_keep.grad, m.s_quar.grad = (1 - f) * grad, f * grad
+            m.s_keep.grad, m.s_quar.grad = ((1 - f) * grad, f * grad) if f != "cancel" else (grad, -0.9 * grad)
             opt.step()
         ratio = (m.s_quar.abs().mean() / m.s_keep.abs().mean()).item()
-        assert abs(ratio - f / (1 - f)) < 1e-3, (f, ratio)
+        if f == "cancel":
+            assert max(m.s_keep.abs().max(), m.s_quar.abs().max()) <= 10 * 0.01 + 1e-6, ratio
+        else:
+            assert abs(ratio - f / (1 - f)) < 1e-3, (f, ratio)
 
 
 def test_keep_forward_deployed():
@@ -179,8 +183,11 @@ def test_keep_forward_deployed():
     import test_routing as tr
     a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
     rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
-    for kind in ("svd", "split"):
+    for kind in ("svd", "split", "svd_ckpt"):  # ckpt: the backward re-runs each layer's forward
         m = tr.wrapped(kind)
+        if kind == "svd_ckpt":
+            m.gradient_checkpointing_enable()
+            m.train()
         sides = ((~tr.FLAGS, "deployed", adapter.keep_params(m)), (tr.FLAGS, "train", adapter.quar_params(m)))
         train.train_update(a, m, torch.optim.SGD(sides[0][2] + sides[1][2], lr=0.0), r, tr.ADV, tr.FLAGS, rows,
                            None, 100.0, kl=False)
@@ -190,7 +197,7 @@ def test_keep_forward_deployed():
             sub = train.subset(r, rows[side])
             with adapter.adapter_mode(m, mode):
                 logp = grpo.token_logp(m, sub, 1.0)                                        # (b, T)
-            grpo.grpo_loss(logp, logp.detach(), tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
+                grpo.grpo_loss(logp, logp.detach(), tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
             err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(g, params))
             assert err < 1e-4, (kind, mode, err)
     assert run(FAST + ["--router", "grad", "--keep-forward", "deployed", "--out", os.path.join(TMP, "kf")]) == 2

@@ -98,14 +98,14 @@ def get_args(argv=None):
 
 
 def keep_forward(a):
-    """--keep-forward auto: deployed for label (f is known before the forward), train otherwise."""
-    return a.keep_forward if a.keep_forward != "auto" else ("deployed" if a.router == "label" else "train")
+    """deployed for label under auto or deployed (f is known before the forward), train otherwise."""
+    return "deployed" if a.router == "label" and a.keep_forward in ("auto", "deployed") else "train"
 
 
 def check_args(a):
-    a.keep_forward = keep_forward(a)
     if a.keep_forward == "deployed" and a.router != "label":
         ckpt.die("--keep-forward deployed needs --router label (the forward must know f before it runs)")
+    a.keep_forward = keep_forward(a)
     if a.group_size < 2:
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
     if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
@@ -143,20 +143,23 @@ def subset(r, rows):
 
 def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
     """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats.
-    kl=False (warm-up): no reference forward unless --beta needs it; kl is then not logged."""
+    kl=False (warm-up): no reference forward unless --beta needs it; kl is then not logged. With
+    --keep-forward deployed the logged logp/entropy/kl mix deployed (unflagged) and trained forwards."""
     B, mbs, modes = len(r.texts), active.split(a.micro), None
     if keep_forward(a) == "deployed":  # keep-side (unflagged) micro-batches run as the deployed model
         sides = [active[~flags[active]].split(a.micro), active[flags[active]].split(a.micro)]
         mbs, modes = sides[0] + sides[1], ["deployed"] * len(sides[0]) + ["train"] * len(sides[1])
-    def policy_logp(j, **kw):  # micro-batch j through the policy, in its forward mode
-        with adapter.adapter_mode(model, modes[j]) if modes else contextlib.nullcontext():
-            return grpo.token_logp(model, subset(r, mbs[j]), a.temperature, **kw)
+    # the backward runs in the mode too: gradient checkpointing re-runs the forward inside it
+    mode = lambda j: adapter.adapter_mode(model, modes[j]) if modes else contextlib.nullcontext()
     with torch.no_grad(), adapter.adapters_off(model):  # k3 KL reference: same weights, adapters off
         ref = [grpo.token_logp(model, subset(r, rows), a.temperature) if kl or a.beta > 0 else None for rows in mbs]
     old = None  # pi_old: with iters == 1 it is the current policy itself (ratio 1)
     if a.iters > 1:
         with torch.no_grad():
-            old = [policy_logp(j) for j in range(len(mbs))]
+            old = []
+            for j, rows in enumerate(mbs):
+                with mode(j):
+                    old.append(grpo.token_logp(model, subset(r, rows), a.temperature))
     router = a.router if a.router in routing.ROUTERS else "none"  # screen/penalty act on rewards
     for _ in range(a.iters):
         opt.zero_grad(set_to_none=True)
@@ -167,13 +170,14 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
             for j, rows in enumerate(mbs):
                 cap.rows(rows)
                 sub = subset(r, rows)
-                logp, ent = policy_logp(j, with_entropy=True)                                   # (b, T)
-                mask = sub.completion_mask.float()
-                pi_old = logp.detach() if old is None else old[j]
-                loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps).sum()
-                finite &= bool(torch.isfinite(loss))
-                if finite:
-                    loss.backward()
+                with mode(j):
+                    logp, ent = grpo.token_logp(model, sub, a.temperature, with_entropy=True)  # (b, T)
+                    mask = sub.completion_mask.float()
+                    pi_old = logp.detach() if old is None else old[j]
+                    loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps).sum()
+                    finite &= bool(torch.isfinite(loss))
+                    if finite:
+                        loss.backward()
                 kl_sum += 0.0 if ref[j] is None else (grpo.kl_k3(logp.detach(), ref[j]) * mask).sum().item()
                 logp_sum += (logp.detach() * mask).sum().item()
                 ent_sum += (ent * mask).sum().item()
