@@ -200,6 +200,8 @@ def test_keep_forward_deployed():
                 grpo.grpo_loss(logp, logp.detach(), tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
             err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(g, params))
             assert err < 1e-4, (kind, mode, err)
+        for fl in (torch.zeros_like(tr.FLAGS), torch.ones_like(tr.FLAGS)):  # one side empty: no empty micro-batch
+            train.train_update(a, m, torch.optim.SGD(sides[0][2], lr=0.0), r, tr.ADV, fl, rows, None, 100.0, kl=False)
     assert run(FAST + ["--router", "grad", "--keep-forward", "deployed", "--out", os.path.join(TMP, "kf")]) == 2
 
 

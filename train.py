@@ -147,7 +147,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
     --keep-forward deployed the logged logp/entropy/kl mix deployed (unflagged) and trained forwards."""
     B, mbs, modes = len(r.texts), active.split(a.micro), None
     if keep_forward(a) == "deployed":  # keep-side (unflagged) micro-batches run as the deployed model
-        sides = [active[~flags[active]].split(a.micro), active[flags[active]].split(a.micro)]
+        sides = [[c for c in active[side].split(a.micro) if len(c)] for side in (~flags[active], flags[active])]
         mbs, modes = sides[0] + sides[1], ["deployed"] * len(sides[0]) + ["train"] * len(sides[1])
     # the backward runs in the mode too: gradient checkpointing re-runs the forward inside it
     mode = lambda j: adapter.adapter_mode(model, modes[j]) if modes else contextlib.nullcontext()
