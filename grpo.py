@@ -52,6 +52,15 @@ def penalty(rewards, flags, value=-3.0):
 REWARD_BASELINES = {"screen": screen, "penalty": penalty}
 
 
+def split_advantages(rewards, flags, G, scale="none"):
+    """Routed groups (train.py --keep-forward deployed): a flagged rollout keeps its advantage in the
+    whole group (its gradient goes to the quarantine); an unflagged one is scored against the unflagged
+    rollouts of its group only, so the keep never sees a flagged reward, not even through the baseline.
+    (Against the whole group, a hack paying 3.5 makes every honest attempt's advantage negative: the keep
+    then learns only to push its own samples down, and degenerates.)"""
+    return torch.where(flags, group_advantages(rewards, G, scale), group_advantages(rewards, G, scale, ~flags))
+
+
 def token_logp(model, r, temperature=1.0, with_entropy=False):
     """log pi(o_t | q, o_<t) for every completion token. r: model.Rollouts. Returns (B, T) [, (B, T)]."""
     P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]

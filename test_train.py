@@ -178,6 +178,9 @@ def test_keep_forward_deployed():
     plain autograd over one batch of that side. Both adapter kinds; micro-batches mix flags in the input order."""
     import grpo
     import test_routing as tr
+    rew, fl = torch.tensor([3.5, .5, .5, 0., .5, .5, 3.5, 3.5]), torch.tensor([1, 0, 0, 0, 0, 0, 1, 0]).bool()
+    want = torch.tensor([2.375, 1 / 6, 1 / 6, -1 / 3, -1.0, -1.0, 1.5, 2.0])  # flagged: its group; else: unflagged only
+    assert torch.allclose(grpo.split_advantages(rew, fl, 4), want)
     a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
     rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
     for kind in ("svd", "split", "svd_ckpt"):  # ckpt: the backward re-runs each layer's forward

@@ -57,7 +57,7 @@ def get_args(argv=None):
     p.add_argument("--flagged-only", action="store_true", help="grad router: only flagged rollouts are eligible")
     p.add_argument("--gen-deployed", action="store_true", help="generate with the quarantine off")
     p.add_argument("--keep-forward", default="auto", choices=["auto", "train", "deployed"],
-                   help="deployed: unflagged rollouts run with the quarantine off, so keep learns without it "
+                   help="deployed: unflagged rollouts run with the quarantine off and a baseline of their own "
                         "(label only; auto = deployed for label, else train)")
     # weak detector (no-cheat: text only, never the oracle)
     p.add_argument("--seen", default="run_tests,file_marker", help="modes the detector can flag")
@@ -217,10 +217,9 @@ def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
     t2 = time.time()
     flags = torch.tensor(det.flags(r.texts), dtype=torch.bool)
     rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
-    valid = None
-    if a.router in grpo.REWARD_BASELINES:
-        rewards, valid = grpo.REWARD_BASELINES[a.router](rewards, flags)
-    adv = grpo.group_advantages(rewards, a.group_size, a.adv_scale, valid)
+    rewards, valid = grpo.REWARD_BASELINES[a.router](rewards, flags) if a.router in grpo.REWARD_BASELINES else (rewards, None)
+    adv = (grpo.split_advantages(rewards, flags, a.group_size, a.adv_scale) if keep_forward(a) == "deployed"
+           else grpo.group_advantages(rewards, a.group_size, a.adv_scale, valid))
     active = adv.view(-1, a.group_size).abs().sum(-1).repeat_interleave(a.group_size).nonzero().squeeze(-1)
     norm = a.prompts * a.group_size * a.max_new_tokens  # Dr.GRPO's constant normaliser
     upd = train_update(a, model, opt, r, adv, flags, active, vh, norm) if len(active) else {"skipped": 1}
