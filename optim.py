@@ -21,8 +21,9 @@ RoutedAdamW gives each pair (s_keep, s_quar) of one module one second moment, of
 so each part moves in proportion to its share of the gradient: a quarantine fed f g moves f/(1-f)
 as far as the keep fed (1-f) g (each f/sqrt(f^2 + (1-f)^2) lr a step, so the pair moves up to 1.41x
 AdamW's step at f = 0.5), and with nothing routed (router none) s_keep takes exactly AdamW's step.
-Each partner stores its own copy of v (equal while train.py writes both grads every step). Why not the second moment
-of the SUM g_k + g_q (which would make the two updates add up to AdamW's exactly)? Because keep and
+Each partner stores its own copy of v (equal while train.py writes both grads every step).
+Why not the second moment of the SUM g_k + g_q (which would make the two updates add up to AdamW's
+exactly)? Because keep and
 quarantine gradients often cancel (clean and hack demonstrations pull a singular value opposite
 ways): the sum's v is then small while each part is large, and each part's step explodes (measured:
 |s_keep| 2-3x |s_keep + s_quar| after the 16 warm-up steps, cos(s_keep, s_quar) -0.5 to -0.95).
@@ -76,7 +77,7 @@ class RoutedAdamW(torch.optim.Optimizer):
 
 
 if __name__ == "__main__":
-    # Self-check: a pair fed (1-f) g and f g: the quarantine moves ~f as far as the keep (AdamW: as far),
+    # Self-check: a pair fed (1-f) g and f g: the quarantine moves f/(1-f) as far as the keep (AdamW: as far),
     # and with f = 0 the keep follows AdamW exactly.
     torch.manual_seed(0)
     for f in (0.0, 0.05, 0.5):

@@ -82,7 +82,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-2, help="keep parameters")
     p.add_argument("--lr-quar", type=float, default=None, help="quarantine parameters (default: --lr)")
     p.add_argument("--optim", default="routed", choices=["routed", "adamw"],
-                   help="routed: s_keep/s_quar share Adam's second moment, so routing partitions the update (optim.py)")
+                   help="routed: s_keep/s_quar share Adam's second moment, so s_quar moves by its share (optim.py)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
     p.add_argument("--iters", type=int, default=1, help="updates per batch (ratio/clip act when > 1)")
