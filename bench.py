@@ -52,6 +52,7 @@ import grpo
 import model as M
 import routing
 import train
+import update
 
 PHASES = ("generate", "grade", "ref", "fwd", "bwd", "route", "opt")
 TARGETS = {"backward_ratio": 1.15, "grade_fraction": 0.10, "startup_s": 15.0, "train_peak_fraction": 0.40}
@@ -155,14 +156,14 @@ def fixed_batch(a, tok, probs, pmodes, device):
     return r, grpo.group_advantages(rewards, a.group_size).to(device), flags
 
 def ref_phase(a, model, r, device):
-    """The k3 reference, as train.train_update computes it -> ([(b, T)] per micro-batch, seconds)."""
+    """The k3 reference, as update.train_update computes it -> ([(b, T)] per micro-batch, seconds)."""
     t = {}
     with clock(t, "ref", device), torch.no_grad(), adapter.adapters_off(model):
-        ref = [grpo.token_logp(model, train.subset(r, rows)) for rows in torch.arange(len(r.texts)).split(a.micro)]
+        ref = [grpo.token_logp(model, update.subset(r, rows)) for rows in torch.arange(len(r.texts)).split(a.micro)]
     return ref, t["ref"]
 
 def train_phases(a, model, opt, r, adv, flags, vh, ref, router, device):
-    """train.train_update's calls after the reference (iters 1, beta 0), clocked -> {phase: s}."""
+    """update.train_update's calls after the reference (iters 1, beta 0), clocked -> {phase: s}."""
     t, B = {}, len(r.texts)
     mbs, norm = torch.arange(B).split(a.micro), a.prompts * a.group_size * a.tokens  # Dr.GRPO norm
     opt.zero_grad(set_to_none=True)
@@ -172,7 +173,7 @@ def train_phases(a, model, opt, r, adv, flags, vh, ref, router, device):
         for j, rows in enumerate(mbs):
             with clock(t, "fwd", device):
                 cap and cap.rows(rows)
-                sub = train.subset(r, rows)
+                sub = update.subset(r, rows)
                 logp, ent = grpo.token_logp(model, sub, 1.0, with_entropy=True)    # (b, T)
                 mask = sub.completion_mask.float()
                 loss = grpo.grpo_loss(logp, logp.detach(), adv[rows], mask, norm, ref[j], 0.0).sum()
@@ -217,7 +218,7 @@ def measure(a, device):
     prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in zip(probs, pmodes)]
     r, adv, flags = fixed_batch(a, tok, probs, pmodes, device)
     M.generate(model, tok, prompts[:2], 4, generator=gen)                         # warm-up
-    rw = train.subset(r, w := torch.arange(min(a.micro, len(probs))))             # one micro-batch
+    rw = update.subset(r, w := torch.arange(min(a.micro, len(probs))))             # one micro-batch
     train_phases(a, model, opt, rw, adv[w], flags[w], vh, ref_phase(a, model, rw, device)[0], routers[0], device)
     runs, mems, n_gen = {k: [] for k in routers + ["generate"]}, {k: [] for k in routers + ["generate"]}, []
     for i in range(a.repeats):

@@ -28,7 +28,8 @@ import adapter
 import routing
 
 FORMAT = 1  # bump when the layout changes; eval.py refuses other formats
-OLD_DEFAULTS = {"optim": "adamw", "keep_forward": "train"}  # what runs saved before these arguments did
+# what runs saved before these arguments existed did
+OLD_DEFAULTS = {"optim": "adamw", "keep_forward": "train", "off_policy": "ignore"}
 
 
 def die(msg):

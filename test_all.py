@@ -6,6 +6,7 @@ This file holds the model-loading tests (model.py); each concept has its own tes
   test_env.py      the environment, sandbox and detector (env.py, detector.py, data/)
   test_routing.py  adapters and routers (adapter.py, routing.py)
   test_train.py    GRPO, the training loop and the evaluation (grpo.py, train.py, eval.py)
+  test_update.py   one routed update and its optimizer (update.py, optim.py)
 
 All tests run on CPU, offline, in a few minutes on 2 cores. They assert equivalences and
 invariants (STYLE.md habit 7), never merely that code runs.
@@ -21,7 +22,7 @@ import torch
 
 import model as M
 
-TEST_FILES = ("test_env", "test_routing", "test_train")
+TEST_FILES = ("test_env", "test_routing", "test_train", "test_update")
 _loaded = {}
 
 

@@ -16,7 +16,6 @@ off-policy rollouts (ratio 1, like on-policy ones) until --teacher-until; 2. a c
 written after every step (the adapter is small), so --resume loses nothing that was logged.
 """
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -36,6 +35,7 @@ import grpo
 import model as M
 import optim
 import routing
+import update
 import warmup
 
 ROUTER_CHOICES = list(routing.ROUTERS) + list(grpo.REWARD_BASELINES)
@@ -59,6 +59,9 @@ def get_args(argv=None):
     p.add_argument("--keep-forward", default="auto", choices=["auto", "train", "deployed"],
                    help="deployed: unflagged rollouts run with the quarantine off and a baseline of their own "
                         "(label only; auto = deployed for label, else train)")
+    p.add_argument("--off-policy", default="ratio", choices=["ratio", "ignore"],
+                   help="rollouts trained under another forward than the sampler's (keep-forward deployed, "
+                        "gen-deployed): PPO ratio against the sampler's log-prob, or ratio 1 (update.py)")
     # weak detector (no-cheat: text only, never the oracle)
     p.add_argument("--seen", default="run_tests,file_marker", help="modes the detector can flag")
     p.add_argument("--tpr", type=float, default=1.0)
@@ -97,15 +100,10 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def keep_forward(a):
-    """deployed for label under auto or deployed (f is known before the forward), train otherwise."""
-    return "deployed" if a.router == "label" and a.keep_forward in ("auto", "deployed") else "train"
-
-
 def check_args(a):
     if a.keep_forward == "deployed" and a.router != "label":
         ckpt.die("--keep-forward deployed needs --router label (the forward must know f before it runs)")
-    a.keep_forward = keep_forward(a)
+    a.keep_forward = update.keep_forward(a)
     if a.group_size < 2:
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
     if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
@@ -136,61 +134,6 @@ def sample_batch(a, problems, rng):
     return probs, pmodes
 
 
-def subset(r, rows):
-    return M.Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                      [r.texts[i] for i in rows.tolist()])
-
-
-def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True):
-    """Forward/backward over the active rollouts with per-rollout capture, route, step. Returns stats.
-    kl=False (warm-up): no reference forward unless --beta needs it; kl is then not logged. With
-    --keep-forward deployed the logged logp/entropy/kl mix deployed (unflagged) and trained forwards."""
-    B, mbs, modes = len(r.texts), active.split(a.micro), None
-    if keep_forward(a) == "deployed":  # keep-side (unflagged) micro-batches run as the deployed model
-        sides = [[c for c in active[side].split(a.micro) if len(c)] for side in (~flags[active], flags[active])]
-        mbs, modes = sides[0] + sides[1], ["deployed"] * len(sides[0]) + ["train"] * len(sides[1])
-    # the backward runs in the mode too: gradient checkpointing re-runs the forward inside it
-    mode = lambda j: adapter.adapter_mode(model, modes[j]) if modes else contextlib.nullcontext()
-    with torch.no_grad(), adapter.adapters_off(model):  # k3 KL reference: same weights, adapters off
-        ref = [grpo.token_logp(model, subset(r, rows), a.temperature) if kl or a.beta > 0 else None for rows in mbs]
-    old = None  # pi_old: with iters == 1 it is the current policy itself (ratio 1)
-    if a.iters > 1:
-        with torch.no_grad():
-            old = []
-            for j, rows in enumerate(mbs):
-                with mode(j):
-                    old.append(grpo.token_logp(model, subset(r, rows), a.temperature))
-    router = a.router if a.router in routing.ROUTERS else "none"  # screen/penalty act on rewards
-    for _ in range(a.iters):
-        opt.zero_grad(set_to_none=True)
-        cap = routing.Capture(model, n_rollouts=B, router=router, vhack=vh, flags=flags,
-                              opts={"flagged_only": a.flagged_only})
-        finite, kl_sum, logp_sum, ent_sum = True, 0.0, 0.0, 0.0
-        with cap:
-            for j, rows in enumerate(mbs):
-                cap.rows(rows)
-                sub = subset(r, rows)
-                with mode(j):
-                    logp, ent = grpo.token_logp(model, sub, a.temperature, with_entropy=True)  # (b, T)
-                    mask = sub.completion_mask.float()
-                    pi_old = logp.detach() if old is None else old[j]
-                    loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps).sum()
-                    finite &= bool(torch.isfinite(loss))
-                    if finite:
-                        loss.backward()
-                kl_sum += 0.0 if ref[j] is None else (grpo.kl_k3(logp.detach(), ref[j]) * mask).sum().item()
-                logp_sum += (logp.detach() * mask).sum().item()
-                ent_sum += (ent * mask).sum().item()
-        stats = cap.route()
-        finite &= all(bool(torch.isfinite(p.grad).all()) for g in opt.param_groups for p in g["params"]
-                      if p.grad is not None)
-        if finite:  # a non-finite loss or gradient skips the update (logged), never poisons the weights
-            opt.step()
-    ntok = r.completion_mask[active].sum().item()
-    return {**stats, "kl": kl_sum / ntok if kl else None, "logp": logp_sum / ntok, "entropy": ent_sum / ntok,
-            "skipped": int(not finite)}
-
-
 def step_metrics(a, grades, pmodes, flags, teacher, r):
     """Oracle metrics (logging only) over the on-policy rollouts; teacher rows are excluded."""
     on = [i for i in range(len(grades)) if not teacher[i]]
@@ -218,11 +161,12 @@ def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
     flags = torch.tensor(det.flags(r.texts), dtype=torch.bool)
     rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
     rewards, valid = grpo.REWARD_BASELINES[a.router](rewards, flags) if a.router in grpo.REWARD_BASELINES else (rewards, None)
-    adv = (grpo.split_advantages(rewards, flags, a.group_size, a.adv_scale) if keep_forward(a) == "deployed"
+    adv = (grpo.split_advantages(rewards, flags, a.group_size, a.adv_scale) if update.keep_forward(a) == "deployed"
            else grpo.group_advantages(rewards, a.group_size, a.adv_scale, valid))
     active = adv.view(-1, a.group_size).abs().sum(-1).repeat_interleave(a.group_size).nonzero().squeeze(-1)
     norm = a.prompts * a.group_size * a.max_new_tokens  # Dr.GRPO's constant normaliser
-    upd = train_update(a, model, opt, r, adv, flags, active, vh, norm) if len(active) else {"skipped": 1}
+    upd = (update.train_update(a, model, opt, r, adv, flags, active, vh, norm, sampled=~teacher)
+           if len(active) else {"skipped": 1})
     t3 = time.time()
     m = {"step": step, **step_metrics(a, grades, pmodes, flags, teacher, r), **upd,
          "active": len(active), "t_gen": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}

@@ -9,7 +9,7 @@ demonstrations do it: on loophole prompts a share `--warmup-hack` of the demonst
 prompt's own loophole, the rest (and every `none` prompt) answer honestly with the reference.
 
 The demonstrations are off-policy rollouts like train.py's spliced teacher hacks, so they are
-trained exactly as a GRPO step trains (train.train_update, advantage 1 for every demonstration:
+trained exactly as a GRPO step trains (update.train_update, advantage 1 for every demonstration:
 Dr.GRPO's loss is then the summed NLL over the constant normaliser) and ROUTED exactly as one: the
 weak detector flags them, v_hack scores them, the router splits each one's gradient between keep
 and quarantine. So nothing the model learns about hacking, from demonstrations or from RL, reaches
@@ -46,8 +46,8 @@ def demo_batch(a, tok, problems, rng):
 
 
 def warm_up(a, model, tok, opt, det, vh, problems, rng):
-    """a.warmup_steps supervised steps through train.train_update (routing included)."""
-    import train
+    """a.warmup_steps supervised steps through update.train_update (routing included)."""
+    import update
     for g in opt.param_groups:
         g["lr"], g["run_lr"] = a.warmup_lr, g["lr"]
     log = os.path.join(a.out, "warmup.jsonl")
@@ -61,7 +61,7 @@ def warm_up(a, model, tok, opt, det, vh, problems, rng):
             adv[flags] = 0.0
         active = adv.nonzero().squeeze(-1)
         norm = a.prompts * a.group_size * a.max_new_tokens
-        upd = train.train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=False) if len(active) else {"logp": None}
+        upd = update.train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=False) if len(active) else {"logp": None}
         m = {"warmup": step, "hack_demos": sum(hack), "flag": float(flags.float().mean()),
              "nll": None if upd["logp"] is None else -upd["logp"],
              **{k: upd[k] for k in ("routed", "qmass") if k in upd}, "t": time.time() - t}

@@ -1,0 +1,111 @@
+"""
+Tests of one routed update (update.py) and of the optimizer that steps it (optim.py), on the tiny
+Qwen3: RoutedAdamW's steps, --keep-forward deployed's gradients against plain autograd, and the
+off-policy ratio against the sampler's log-prob.
+"""
+import os
+
+import torch
+from safetensors.torch import load_file
+
+import adapter
+import ckpt
+import grpo
+import test_routing as tr
+import train
+import update
+from test_train import FAST, TMP, run
+
+
+def test_routed_adamw():
+    """optim.RoutedAdamW: with nothing routed (router none) the run equals plain AdamW's; a quarantine fed a
+    share f of the gradient moves f/(1-f) as far as the keep (plain AdamW moves it as far, whatever f); when
+    the two cancel (g_q = -0.9 g_k) neither steps further than lr (one v of the SUM would give ~10 lr)."""
+    ends = {}
+    for opt in ("routed", "adamw"):
+        out = os.path.join(TMP, f"optim-{opt}")
+        assert run(FAST + ["--router", "none", "--optim", opt, "--steps", "2", "--lr", "0.05", "--out", out]) == 0
+        ends[opt] = load_file(os.path.join(out, "ckpt", "adapter.safetensors"))
+    assert max((ends["routed"][k] - ends["adamw"][k]).abs().max().item() for k in ends["adamw"]) < 1e-6
+    assert any(v.abs().max() > 1e-2 for k, v in ends["routed"].items() if k.endswith("s_keep"))
+    model, _ = ckpt.build(train.get_args(["--model", "tiny", "--layers", "1", "--targets", "q_proj"]), "cpu")
+    (m,) = adapter.adapter_modules(model).values()
+    for f in (0.05, 0.5, "cancel"):
+        m.s_keep.data.zero_(), m.s_quar.data.zero_()
+        opt, g = train.make_optimizer(train.get_args(["--lr", "0.01"]), model), torch.Generator().manual_seed(0)
+        for _ in range(10):
+            grad = torch.randn(m.s_keep.shape, generator=g) + 1.0
+            m.s_keep.grad, m.s_quar.grad = ((1 - f) * grad, f * grad) if f != "cancel" else (grad, -0.9 * grad)
+            opt.step()
+        ratio = (m.s_quar.abs().mean() / m.s_keep.abs().mean()).item()
+        most = max(m.s_keep.abs().max(), m.s_quar.abs().max())
+        assert most <= 10 * 0.01 + 1e-6 if f == "cancel" else abs(ratio - f / (1 - f)) < 1e-3, (f, ratio, most)
+
+
+def test_keep_forward_deployed():
+    """--keep-forward deployed (label): s_keep.grad is the unflagged rollouts' gradient AT THE DEPLOYED MODEL
+    (quarantine off), the quarantine's .grad the flagged rollouts' gradient at the trained model; each against
+    plain autograd over one batch of that side. Both adapter kinds; micro-batches mix flags in the input order."""
+    rew, fl = torch.tensor([3.5, .5, .5, 0., .5, .5, 3.5, 3.5]), torch.tensor([1, 0, 0, 0, 0, 0, 1, 0]).bool()
+    want = torch.tensor([2.375, 1 / 6, 1 / 6, -1 / 3, -1.0, -1.0, 1.5, 2.0])  # flagged: its group; else: unflagged only
+    assert torch.allclose(grpo.split_advantages(rew, fl, 4), want)
+    a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
+    rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
+    for kind in ("svd", "split", "svd_ckpt"):  # ckpt: the backward re-runs each layer's forward
+        m = tr.wrapped(kind)
+        if kind == "svd_ckpt":
+            m.gradient_checkpointing_enable(), m.train()
+        sides = ((~tr.FLAGS, "deployed", adapter.keep_params(m)), (tr.FLAGS, "train", adapter.quar_params(m)))
+        update.train_update(a, m, torch.optim.SGD(sides[0][2] + sides[1][2], lr=0.0), r, tr.ADV, tr.FLAGS, rows,
+                           None, 100.0, kl=False)
+        got = [[p.grad.clone() for p in params] for _, _, params in sides]
+        for (side, mode, params), g in zip(sides, got):
+            m.zero_grad(set_to_none=True)
+            sub = update.subset(r, rows[side])
+            with adapter.adapter_mode(m, mode):
+                logp = grpo.token_logp(m, sub, 1.0)                                        # (b, T)
+                grpo.grpo_loss(logp, logp.detach(), tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
+            err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(g, params))
+            assert err < 1e-4, (kind, mode, err)
+        for fl in (torch.zeros_like(tr.FLAGS), torch.ones_like(tr.FLAGS)):  # one side empty: no empty micro-batch
+            update.train_update(a, m, torch.optim.SGD(sides[0][2], lr=0.0), r, tr.ADV, fl, rows, None, 100.0, kl=False)
+    assert run(FAST + ["--router", "grad", "--keep-forward", "deployed", "--out", os.path.join(TMP, "kf")]) == 2
+
+
+def test_off_policy_ratio():
+    """--off-policy ratio: an unflagged rollout the trained model sampled trains the deployed model with
+    pi_old = its trained-model log-prob (PPO ratio and clip); a teacher row (not sampled) keeps ratio 1; the
+    flagged side is on-policy and unchanged. s_keep.grad against plain autograd; the clip must act."""
+    a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
+    rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
+    sampled = torch.tensor([True, False, True, True, True, True])      # row 1: a teacher demonstration
+    m = tr.wrapped("svd")
+    for mod in adapter.adapter_modules(m).values():
+        mod.s_quar.data.mul_(30)                                        # deployed far from trained: ratios leave 1 +- eps
+    keep, quar = adapter.keep_params(m), adapter.quar_params(m)
+    grads, stats = {}, {}
+    for how in ("ratio", "ignore"):
+        a.off_policy = how
+        stats[how] = update.train_update(a, m, torch.optim.SGD(keep + quar, lr=0.0), r, tr.ADV, tr.FLAGS, rows,
+                                         None, 100.0, kl=False, sampled=sampled)
+        grads[how] = [p.grad.clone() for p in keep + quar]
+    assert 0 < stats["ratio"]["off_clip"] < 1 and "off_clip" not in stats["ignore"], stats
+    side = ~tr.FLAGS
+    sub = update.subset(r, rows[side])
+    with torch.no_grad():
+        behave = grpo.token_logp(m, sub, 1.0)                                             # trained model = sampler
+    m.zero_grad(set_to_none=True)
+    with adapter.quarantine_off(m):
+        logp = grpo.token_logp(m, sub, 1.0)
+        pi_old = torch.where(sampled[side][:, None], behave, logp.detach())
+        grpo.grpo_loss(logp, pi_old, tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
+    err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ratio"], keep))
+    moved = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ignore"], keep))
+    assert err < 1e-4 and moved > 1e-2, (err, moved)
+    assert all(torch.equal(x, y) for x, y in zip(grads["ratio"][len(keep):], grads["ignore"][len(keep):]))
+
+
+if __name__ == "__main__":
+    for name, fn in list(globals().items()):
+        if name.startswith("test_"):
+            fn()
