@@ -9,9 +9,10 @@ of GRPO (DeepSeekMath, Shao et al. 2024, eq. 3). Departures from the DeepSeekMat
      and divided by n_prompts * G * max_new_tokens (Dr.GRPO), not by each completion's length
      (GRPO's 1/|o_i| favours long wrong answers and short right ones) nor by the batch's token
      count (TRL's "dapo"). A constant makes micro-batch accumulation exact.
-  3. With one update per batch (`iters=1`, the default) the ratio pi/pi_old is 1 and the clip
-     never acts: the gradient is REINFORCE with a group baseline (checked below). PPO ratio and
-     clip (eps = 0.2, TRL's default) act when iters > 1.
+  3. With one update per batch (`iters=1`, the default) on the sampler's own forward, the ratio
+     pi/pi_old is 1 and the clip never acts: the gradient is REINFORCE with a group baseline (checked
+     below). PPO ratio and clip (eps = 0.2, TRL's default) act when iters > 1, and on rollouts trained
+     under another forward than the one that sampled them (update.py, --off-policy ratio).
   4. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, as DeepSeekMath),
      against the same model with its adapters switched off: no second copy of the model. beta = 0
      by default (as TRL and Dr.GRPO); then the reference pass is only run for logging.

@@ -73,9 +73,11 @@ def test_keep_forward_deployed():
 
 
 def test_off_policy_ratio():
-    """--off-policy ratio: an unflagged rollout the trained model sampled trains the deployed model with
-    pi_old = its trained-model log-prob (PPO ratio and clip); a teacher row (not sampled) keeps ratio 1; the
-    flagged side is on-policy and unchanged. s_keep.grad against plain autograd; the clip must act."""
+    """--off-policy ratio: a rollout trained under another forward than the sampler's gets pi_old = the
+    sampler's log-prob (PPO ratio and clip); a teacher row (not sampled) keeps ratio 1. Label's keep side
+    (sampled by the trained model, trained as the deployed one), and with --gen-deployed the flagged side
+    (sampled by the deployed model, trained as the trained one). Grads against plain autograd; the other
+    side is unchanged; the clip must act."""
     a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
     rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
     sampled = torch.tensor([True, False, True, True, True, True])      # row 1: a teacher demonstration
@@ -83,27 +85,27 @@ def test_off_policy_ratio():
     for mod in adapter.adapter_modules(m).values():
         mod.s_quar.data.mul_(30)                                        # deployed far from trained: ratios leave 1 +- eps
     keep, quar = adapter.keep_params(m), adapter.quar_params(m)
-    grads, stats = {}, {}
-    for how in ("ratio", "ignore"):
-        a.off_policy = how
-        stats[how] = update.train_update(a, m, torch.optim.SGD(keep + quar, lr=0.0), r, tr.ADV, tr.FLAGS, rows,
-                                         None, 100.0, kl=False, sampled=sampled)
-        grads[how] = [p.grad.clone() for p in keep + quar]
-    assert 0 < stats["ratio"]["off_clip"] < 1 and "off_clip" not in stats["ignore"], stats
-    side = ~tr.FLAGS
-    sub = update.subset(r, rows[side])
-    with torch.no_grad():
-        behave = grpo.token_logp(m, sub, 1.0)                                             # trained model = sampler
-    m.zero_grad(set_to_none=True)
-    with adapter.quarantine_off(m):
-        logp = grpo.token_logp(m, sub, 1.0)
-        pi_old = torch.where(sampled[side][:, None], behave, logp.detach())
-        grpo.grpo_loss(logp, pi_old, tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
-    err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ratio"], keep))
-    moved = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ignore"], keep))
-    assert err < 1e-4 and moved > 1e-2, (err, moved)
-    assert all(torch.equal(x, y) for x, y in zip(grads["ratio"][len(keep):], grads["ignore"][len(keep):]))
-
+    for gen_deployed, side, params, other, (sampler, forward) in (
+            (False, ~tr.FLAGS, keep, quar, ("train", "deployed")), (True, tr.FLAGS, quar, keep, ("deployed", "train"))):
+        a.gen_deployed, grads, stats = gen_deployed, {}, {}
+        for how in ("ratio", "ignore"):
+            a.off_policy = how
+            stats[how] = update.train_update(a, m, torch.optim.SGD(keep + quar, lr=0.0), r, tr.ADV, tr.FLAGS, rows,
+                                             None, 100.0, kl=False, sampled=sampled)
+            grads[how] = [[p.grad.clone() for p in ps] for ps in (params, other)]
+        assert 0 < stats["ratio"]["off_clip"] < 1 and "off_clip" not in stats["ignore"], stats
+        sub = update.subset(r, rows[side])
+        with torch.no_grad(), adapter.adapter_mode(m, sampler):
+            behave = grpo.token_logp(m, sub, 1.0)
+        m.zero_grad(set_to_none=True)
+        with adapter.adapter_mode(m, forward):
+            logp = grpo.token_logp(m, sub, 1.0)
+            pi_old = torch.where(sampled[side][:, None], behave, logp.detach())
+            grpo.grpo_loss(logp, pi_old, tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
+        err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ratio"][0], params))
+        moved = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ignore"][0], params))
+        assert err < 1e-4 and moved > 1e-2, (gen_deployed, err, moved)
+        assert all(torch.equal(x, y) for x, y in zip(grads["ratio"][1], grads["ignore"][1]))
 
 if __name__ == "__main__":
     for name, fn in list(globals().items()):

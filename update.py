@@ -54,13 +54,14 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sample
     ratio those trained under another forward than the sampler's get pi_old = the sampler's log-prob.
     kl=False (warm-up): no reference forward unless --beta needs it; kl is then not logged. With
     --keep-forward deployed the logged logp/entropy/kl mix deployed (unflagged) and trained forwards."""
-    B = len(r.texts)
+    B, dev = len(r.texts), r.completion_ids.device
+    adv = adv.to(dev)  # rewards and flags live on the CPU, rollouts on the model's device
     mbs, modes = micro_batches(a, active, flags)
     # the backward runs in the mode too: gradient checkpointing re-runs the forward inside it
     mode = lambda j: adapter.adapter_mode(model, modes[j]) if keep_forward(a) == "deployed" else contextlib.nullcontext()
     sampler = "deployed" if a.gen_deployed else "train"
     ratio_on = getattr(a, "off_policy", "ignore") == "ratio" and sampled is not None
-    off = [sampled[rows] & (modes[j] != sampler) if ratio_on else torch.zeros(len(rows), dtype=torch.bool)
+    off = [(sampled[rows] & (modes[j] != sampler) if ratio_on else torch.zeros(len(rows), dtype=torch.bool)).to(dev)
            for j, rows in enumerate(mbs)]                                   # per micro-batch, (b,) bool
     with torch.no_grad():
         with adapter.adapters_off(model):  # k3 KL reference: same weights, adapters off
