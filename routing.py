@@ -15,7 +15,7 @@ Sign: the loss is -A log p, so g_b = -A_b grad log p(o_b), and v_grad points alo
 - grad log p(hack): a hack with A > 0 (the update that teaches it) has cos_b > 0 and is routed, with
 A < 0 (un-teaching it) it stays in keep. Band: the pairs as A = +1 rollouts, lo/hi = clean/hack mean.
 
-Contract with train.py; f reads flags, v_hack and the captured gradients only, never the oracle:
+Contract with update.py (train_update); f reads flags, v_hack and the captured gradients only, never the oracle:
     vh = routing.extract_vhack(model, tok, pairs, k=1, cache_dir=M.CACHE)   # after adapter.wrap
     cap = routing.Capture(model, n_rollouts=B, router="grad", vhack=vh, flags=flags, opts={})
     with cap:                                   # adapter params get no autograd .grad in here
