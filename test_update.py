@@ -57,7 +57,7 @@ def test_keep_forward_deployed():
             m.gradient_checkpointing_enable(), m.train()
         sides = ((~tr.FLAGS, "deployed", adapter.keep_params(m)), (tr.FLAGS, "train", adapter.quar_params(m)))
         update.train_update(a, m, torch.optim.SGD(sides[0][2] + sides[1][2], lr=0.0), r, tr.ADV, tr.FLAGS, rows,
-                           None, 100.0, kl=False)
+                            None, 100.0, kl=False)
         got = [[p.grad.clone() for p in params] for _, _, params in sides]
         for (side, mode, params), g in zip(sides, got):
             m.zero_grad(set_to_none=True)

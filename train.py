@@ -88,7 +88,7 @@ def get_args(argv=None):
                    help="routed: s_keep/s_quar share Adam's second moment, so s_quar moves by its share (optim.py)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
-    p.add_argument("--iters", type=int, default=1, help="updates per batch (ratio/clip act when > 1)")
+    p.add_argument("--iters", type=int, default=1, help="updates per batch (ratio/clip act when > 1, and on off-policy rows)")
     p.add_argument("--adv-scale", default="none", choices=["none", "std"])
     p.add_argument("--micro", type=int, default=8, help="rollouts per forward/backward micro-batch")
     # run
