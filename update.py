@@ -60,7 +60,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sample
     # the backward runs in the mode too: gradient checkpointing re-runs the forward inside it
     mode = lambda j: adapter.adapter_mode(model, modes[j]) if keep_forward(a) == "deployed" else contextlib.nullcontext()
     sampler = "deployed" if a.gen_deployed else "train"
-    ratio_on = getattr(a, "off_policy", "ignore") == "ratio" and sampled is not None
+    ratio_on = a.off_policy == "ratio" and sampled is not None
     off = [(sampled[rows] & (modes[j] != sampler) if ratio_on else torch.zeros(len(rows), dtype=torch.bool)).to(dev)
            for j, rows in enumerate(mbs)]                                   # per micro-batch, (b,) bool
     with torch.no_grad():
