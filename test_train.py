@@ -149,24 +149,26 @@ def test_bf16_model_path():
 
 def test_warmup_demos_are_routed():
     """warmup.py: demonstrations go through the router. Every demo a flagged hack: `label` leaves s_keep
-    exactly 0 (all in s_quar), `none` leaves s_quar 0, `screen` drops them all (nothing moves)."""
+    exactly 0 (all in s_quar), `none` leaves s_quar 0, `screen` drops them all (nothing moves). The
+    quarantine's warm-up lr keeps its ratio to the keep's: --lr-quar 0 leaves it 0 too."""
     import detector
     import warmup
     moved = {}
-    for router in ("label", "none", "screen"):
-        ta = train.get_args(FAST + ["--router", router, "--modes", "run_tests", "--none-frac", "0", "--warmup-steps", "2",
+    for router, lr_q in (("label", 1.0), ("none", 1.0), ("screen", 1.0), ("label-q0", 0.0)):
+        ta = train.get_args(FAST + ["--router", router.split("-")[0], "--modes", "run_tests", "--none-frac", "0", "--warmup-steps", "2",
                                     "--warmup-hack", "1", "--out", os.path.join(TMP, "warm-" + router)])
         os.makedirs(ta.out, exist_ok=True)
         model, tok = ckpt.build(ta, "cpu")
-        opt = torch.optim.AdamW([{"params": adapter.keep_params(model)}, {"params": adapter.quar_params(model)}], lr=1.0)
+        groups = [{"params": adapter.keep_params(model)}, {"params": adapter.quar_params(model), "lr": lr_q}]
+        opt = torch.optim.AdamW(groups, lr=1.0)
         det = detector.WeakDetector(seen=("run_tests",), tpr=1.0, fpr=0.0)
         warmup.warm_up(ta, model, tok, opt, det, None, env.load_problems("simple", "train"), random.Random(0))
         moved[router] = [sum(p.abs().sum().item() for p in ps) for ps in (adapter.keep_params(model), adapter.quar_params(model))]
-        assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]  # the run's lr is back after the warm-up
+        assert [g["lr"] for g in opt.param_groups] == [1.0, lr_q]  # the run's lr is back after the warm-up
         assert len(metrics(ta.out, "warmup.jsonl")) == 2
     assert moved["label"][0] == 0 and moved["label"][1] > 0, moved
     assert moved["none"][0] > 0 and moved["none"][1] == 0, moved
-    assert moved["screen"] == [0, 0], moved
+    assert moved["screen"] == [0, 0] and moved["label-q0"] == [0, 0], moved
 
 
 def test_results_table_is_built_from_runs():

@@ -74,7 +74,7 @@ def get_args(argv=None):
     p.add_argument("--teacher-frac", type=float, default=0.25, help="share of each group replaced by teacher hacks")
     p.add_argument("--warmup-steps", type=int, default=16, help="routed supervised steps on teacher demos first (warmup.py)")
     p.add_argument("--warmup-hack", type=float, default=0.75, help="share of warm-up demos on loophole prompts that hack")
-    p.add_argument("--warmup-lr", type=float, default=5e-2)
+    p.add_argument("--warmup-lr", type=float, default=5e-2, help="keep's; the quarantine's x lr-quar/lr")
     p.add_argument("--teacher-until", type=int, default=8, help="mix teacher demos before this step")
     # GRPO
     p.add_argument("--steps", type=int, default=20)

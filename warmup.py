@@ -48,8 +48,9 @@ def demo_batch(a, tok, problems, rng):
 def warm_up(a, model, tok, opt, det, vh, problems, rng):
     """a.warmup_steps supervised steps through update.train_update (routing included)."""
     import update
+    keep_lr = opt.param_groups[0]["lr"]  # each group keeps its ratio to the keep's (--lr-quar / --lr)
     for g in opt.param_groups:
-        g["lr"], g["run_lr"] = a.warmup_lr, g["lr"]
+        g["lr"], g["run_lr"] = a.warmup_lr * g["lr"] / keep_lr, g["lr"]
     log = os.path.join(a.out, "warmup.jsonl")
     open(log, "w").close()
     for step in range(a.warmup_steps):
