@@ -12,7 +12,8 @@ of GRPO (DeepSeekMath, Shao et al. 2024, eq. 3). Departures from the DeepSeekMat
   3. With one update per batch (`iters=1`, the default) on the sampler's own forward, the ratio
      pi/pi_old is 1 and the clip never acts: the gradient is REINFORCE with a group baseline (checked
      below). PPO ratio and clip (eps = 0.2, TRL's default) act when iters > 1, and on rollouts trained
-     under another forward than the one that sampled them (update.py, --off-policy ratio).
+     under another forward than the one that sampled them (update.py, --off-policy ratio);
+     `--dual-clip 3` bounds their negative-advantage terms (off by default).
   4. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, as DeepSeekMath),
      against the same model with its adapters switched off: no second copy of the model. beta = 0
      by default (as TRL and Dr.GRPO); then the reference pass is only run for logging.
@@ -86,19 +87,22 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def clipped_surrogate(logp, old_logp, adv, eps=0.2):
-    """PPO: min(ratio * A, clip(ratio, 1-eps, 1+eps) * A), per token. (B, T)"""
-    ratio = torch.exp(logp - old_logp)
-    return torch.min(ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None])
+def clipped_surrogate(logp, old_logp, adv, eps=0.2, dual=0.0):
+    """PPO: min(ratio * A, clip(ratio, 1-eps, 1+eps) * A), per token. (B, T)
+    dual > 1: dual-clip PPO (Ye et al. 2020, arXiv 1912.09729), max(that, dual * A) where A < 0, so an
+    off-policy token with a large ratio and a negative advantage cannot push unboundedly."""
+    ratio, A = torch.exp(logp - old_logp), adv[:, None]
+    obj = torch.min(ratio * A, ratio.clamp(1 - eps, 1 + eps) * A)
+    return torch.where(A < 0, torch.max(obj, dual * A), obj) if dual > 0 else obj
 
 
-def grpo_loss(logp, old_logp, adv, mask, norm, ref_logp=None, beta=0.0, eps=0.2):
+def grpo_loss(logp, old_logp, adv, mask, norm, ref_logp=None, beta=0.0, eps=0.2, dual=0.0):
     """Per-rollout loss terms, (B,), to be summed: -sum_t mask * (surrogate - beta * KL) / norm.
 
     `norm` = n_prompts * G * max_new_tokens for the whole batch (Dr.GRPO), so summing the per-
     rollout terms of every micro-batch gives the batch loss exactly.
     """
-    obj = clipped_surrogate(logp, old_logp, adv, eps)                          # (B, T)
+    obj = clipped_surrogate(logp, old_logp, adv, eps, dual)                    # (B, T)
     if beta > 0:
         obj = obj - beta * kl_k3(logp, ref_logp)
     return -(obj * mask).sum(-1) / norm                                        # (B,)

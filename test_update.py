@@ -77,7 +77,7 @@ def test_off_policy_ratio():
     sampler's log-prob (PPO ratio and clip); a teacher row (not sampled) keeps ratio 1. Label's keep side
     (sampled by the trained model, trained as the deployed one), and with --gen-deployed the flagged side
     (sampled by the deployed model, trained as the trained one). Grads against plain autograd; the other
-    side is unchanged; the clip must act."""
+    side is unchanged; the clip must act. --dual-clip (1.1, so that it acts here) against autograd too."""
     a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
     rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
     sampled = torch.tensor([True, False, True, True, True, True])      # row 1: a teacher demonstration
@@ -88,24 +88,45 @@ def test_off_policy_ratio():
     for gen_deployed, side, params, other, (sampler, forward) in (
             (False, ~tr.FLAGS, keep, quar, ("train", "deployed")), (True, tr.FLAGS, quar, keep, ("deployed", "train"))):
         a.gen_deployed, grads, stats = gen_deployed, {}, {}
-        for how in ("ratio", "ignore"):
-            a.off_policy = how
+        for how, dual in (("ratio", 0.0), ("ignore", 0.0), ("dual", 1.1)):
+            a.off_policy, a.dual_clip = "ignore" if how == "ignore" else "ratio", dual
             stats[how] = update.train_update(a, m, torch.optim.SGD(keep + quar, lr=0.0), r, tr.ADV, tr.FLAGS, rows,
                                              None, 100.0, kl=False, sampled=sampled)
             grads[how] = [[p.grad.clone() for p in ps] for ps in (params, other)]
+        a.dual_clip = 0.0
         assert 0 < stats["ratio"]["off_clip"] < 1 and "off_clip" not in stats["ignore"], stats
         sub = update.subset(r, rows[side])
         with torch.no_grad(), adapter.adapter_mode(m, sampler):
             behave = grpo.token_logp(m, sub, 1.0)
-        m.zero_grad(set_to_none=True)
-        with adapter.adapter_mode(m, forward):
-            logp = grpo.token_logp(m, sub, 1.0)
-            pi_old = torch.where(sampled[side][:, None], behave, logp.detach())
-            grpo.grpo_loss(logp, pi_old, tr.ADV[side], sub.completion_mask.float(), 100.0).sum().backward()
-        err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ratio"][0], params))
-        moved = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ignore"][0], params))
-        assert err < 1e-4 and moved > 1e-2, (gen_deployed, err, moved)
+        for how, dual in (("ratio", 0.0), ("dual", 1.1)):
+            m.zero_grad(set_to_none=True)
+            with adapter.adapter_mode(m, forward):
+                logp = grpo.token_logp(m, sub, 1.0)
+                pi_old = torch.where(sampled[side][:, None], behave, logp.detach())
+                loss = grpo.grpo_loss(logp, pi_old, tr.ADV[side], sub.completion_mask.float(), 100.0, dual=dual)
+                loss.sum().backward()
+            err = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads[how][0], params))
+            moved = max(((x - p.grad).norm() / p.grad.norm()).item() for x, p in zip(grads["ignore"][0], params))
+            assert err < 1e-4 and moved > 1e-2, (gen_deployed, how, err, moved)
         assert all(torch.equal(x, y) for x, y in zip(grads["ratio"][1], grads["ignore"][1]))
+        dual_moved = max(((x - y).norm() / y.norm()).item() for x, y in zip(grads["dual"][0], grads["ratio"][0]))
+        assert (dual_moved > 1e-3) == bool((tr.ADV[side & sampled] < 0).any()), dual_moved  # acts on A < 0 only
+
+
+def test_dual_clip_surrogate():
+    """grpo.clipped_surrogate, exact: ratios 0.5, 1, 2, 5 at A = -1 and +1 (eps 0.2). Plain PPO leaves
+    A < 0 unbounded (-5 at ratio 5); dual clip 3 caps it at -3 with zero gradient; A > 0 is unchanged."""
+    old = torch.zeros(2, 4)
+    logp = torch.tensor([0.5, 1.0, 2.0, 5.0]).log().repeat(2, 1).requires_grad_()
+    adv = torch.tensor([-1.0, 1.0])
+    plain = torch.tensor([[-0.8, -1.0, -2.0, -5.0], [0.5, 1.0, 1.2, 1.2]])
+    dual = torch.tensor([[-0.8, -1.0, -2.0, -3.0], [0.5, 1.0, 1.2, 1.2]])
+    assert torch.allclose(grpo.clipped_surrogate(logp, old, adv, 0.2), plain)
+    obj = grpo.clipped_surrogate(logp, old, adv, 0.2, dual=3.0)
+    assert torch.allclose(obj, dual)
+    obj.sum().backward()  # d(ratio * A)/d logp = ratio * A where unclipped, 0 where clipped
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.0, -2.0, 0.0], [0.5, 1.0, 0.0, 0.0]]))
+
 
 if __name__ == "__main__":
     for name, fn in list(globals().items()):

@@ -88,6 +88,7 @@ def get_args(argv=None):
                    help="routed: s_keep/s_quar share Adam's second moment, so s_quar moves by its share (optim.py)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
+    p.add_argument("--dual-clip", type=float, default=0.0, help="dual-clip PPO's c > 1 for A < 0 (Ye et al.: 3); 0 = off")
     p.add_argument("--iters", type=int, default=1, help="updates per batch (ratio/clip act when > 1, and on off-policy rows)")
     p.add_argument("--adv-scale", default="none", choices=["none", "std"])
     p.add_argument("--micro", type=int, default=8, help="rollouts per forward/backward micro-batch")
@@ -108,6 +109,8 @@ def check_args(a):
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
     if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
         ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
+    if a.dual_clip and a.dual_clip <= 1:
+        ckpt.die(f"--dual-clip must be 0 (off) or > 1, not {a.dual_clip}")
     if not env.load_problems(a.source, "train", difficulty=a.difficulty):
         ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r} (easy, medium, hard)")
     bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]

@@ -90,7 +90,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sample
                     pi_old = logp.detach() if old[j] is None else old[j]
                     if behave[j] is not None:
                         pi_old = torch.where(off[j][:, None], behave[j], pi_old)
-                    loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps).sum()
+                    loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps, a.dual_clip).sum()
                     finite &= bool(torch.isfinite(loss))
                     if finite:
                         loss.backward()
