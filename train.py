@@ -109,6 +109,8 @@ def check_args(a):
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
     if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
         ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
+    if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
+        ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
     if a.dual_clip and a.dual_clip <= 1:
         ckpt.die(f"--dual-clip must be 0 (off) or > 1, not {a.dual_clip}")
     if not env.load_problems(a.source, "train", difficulty=a.difficulty):
