@@ -73,7 +73,7 @@ def test_bad_input_is_one_line_exit_2():
     os.makedirs(ro, exist_ok=True)
     os.chmod(ro, 0o500)
     cases = [["--group-size", "1"], ["--steps", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
-             ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--dual-clip", "0.5"]]
+             ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--dual-clip", "0.5"], ["--quar-kl", "1"]]
     if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead
         cases.append(["--out", os.path.join(ro, "x")])
     cases.append(["--out", os.path.join(TMP, "full", "metrics.jsonl", "x")])

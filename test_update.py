@@ -113,6 +113,32 @@ def test_off_policy_ratio():
         assert (dual_moved > 1e-3) == bool((tr.ADV[side & sampled] < 0).any()), dual_moved  # acts on A < 0 only
 
 
+def test_quarantine_kl():
+    """--quar-kl 2: the quarantine's .grad gains 2 * grad of sum_t k3 KL(trained || deployed) / norm on the
+    unflagged rows, the deployed log-probs detached (against autograd); the keep's .grad is unchanged; the
+    logged qkl is that KL per token. Both adapter kinds."""
+    a = train.get_args(["--router", "label", "--keep-forward", "deployed", "--micro", "2", "--temperature", "1"])
+    rows, r = torch.arange(len(tr.COMPS)), tr.rollouts(range(len(tr.COMPS)))
+    for kind in ("svd", "split"):
+        m = tr.wrapped(kind)
+        keep, quar, got = adapter.keep_params(m), adapter.quar_params(m), {}
+        for beta in (0.0, 2.0):
+            a.quar_kl = beta
+            st = update.train_update(a, m, torch.optim.SGD(keep + quar, lr=0.0), r, tr.ADV, tr.FLAGS, rows,
+                                     None, 100.0, kl=False)
+            got[beta] = [p.grad.clone() for p in keep + quar]
+        assert all(torch.equal(x, y) for x, y in zip(got[0.0][:len(keep)], got[2.0][:len(keep)]))
+        sub = update.subset(r, rows[~tr.FLAGS])
+        mask = sub.completion_mask.float()
+        with torch.no_grad(), adapter.adapter_mode(m, "deployed"):
+            dep = grpo.token_logp(m, sub, 1.0)
+        kl = (grpo.kl_k3(grpo.token_logp(m, sub, 1.0), dep) * mask).sum()
+        want = torch.autograd.grad(2.0 * kl / 100.0, quar)
+        err = max(((y - x - w).norm() / w.norm()).item()
+                  for x, y, w in zip(got[0.0][len(keep):], got[2.0][len(keep):], want))
+        assert err < 1e-4 and kl > 1e-3 and abs(st["qkl"] - kl.item() / mask.sum().item()) < 1e-6, (kind, err, kl)
+
+
 def test_dual_clip_surrogate():
     """grpo.clipped_surrogate, exact: ratios 0.5, 1, 2, 5 at A = -1 and +1 (eps 0.2). Plain PPO leaves
     A < 0 unbounded (-5 at ratio 5); dual clip 3 caps it at -3 with zero gradient; A > 0 is unchanged."""

@@ -88,6 +88,8 @@ def get_args(argv=None):
                    help="routed: s_keep/s_quar share Adam's second moment, so s_quar moves by its share (optim.py)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
+    p.add_argument("--quar-kl", type=float, default=0.0, help="label, deployed keep-forward: KL(trained||deployed) "
+                   "on unflagged rollouts, paid by the quarantine (update.py)")
     p.add_argument("--dual-clip", type=float, default=0.0, help="dual-clip PPO's c > 1 for A < 0 (Ye et al.: 3); 0 = off")
     p.add_argument("--iters", type=int, default=1, help="updates per batch (ratio/clip act when > 1, and on off-policy rows)")
     p.add_argument("--adv-scale", default="none", choices=["none", "std"])
@@ -111,6 +113,8 @@ def check_args(a):
         ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
     if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
         ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
+    if a.quar_kl < 0 or (a.quar_kl > 0 and a.keep_forward != "deployed"):
+        ckpt.die("--quar-kl must be >= 0, and needs --router label with --keep-forward deployed (auto)")
     if a.dual_clip and a.dual_clip <= 1:
         ckpt.die(f"--dual-clip must be 0 (off) or > 1, not {a.dual_clip}")
     if not env.load_problems(a.source, "train", difficulty=a.difficulty):

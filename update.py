@@ -18,6 +18,12 @@ longer pushes the deployed model off a sample it would not have produced (for ra
 zeroes that token's gradient), and a positive one is weighted by how likely the deployed model finds
 it. --off-policy ignore uses ratio 1 (plain REINFORCE on the sampler's rollouts). Rows not sampled by
 the model (teacher demonstrations, the warm-up) always use ratio 1.
+
+--quar-kl beta_q (deployed keep-forward only): the quarantine pays for what it changes on unflagged
+rollouts. Nothing else trains the trained model (keep + quarantine) on them, so a quarantine that
+learned to hack on flagged prompts can spread to every prompt and take the sampler with it (label-s1
+collapsed so). The term is beta_q * k3 KL(trained || deployed) on the keep side's tokens, GRPO's KL
+with the deployed model as the reference, and its gradient reaches the quarantine only.
 """
 import contextlib
 
@@ -46,6 +52,26 @@ def micro_batches(a, active, flags):
         return mbs, ["train"] * len(mbs)
     sides = [[c for c in active[side].split(a.micro) if len(c)] for side in (~flags[active], flags[active])]
     return sides[0] + sides[1], ["deployed"] * len(sides[0]) + ["train"] * len(sides[1])
+
+
+def quarantine_kl(a, model, r, mbs, modes, dep, norm):
+    """Add --quar-kl's gradient to the quarantine's .grad (the keep is frozen for it). Returns the mean
+    per-token k3 KL of the trained model from the deployed one (dep: its detached log-probs) on the keep side."""
+    keep, total, ntok = adapter.keep_params(model), 0.0, 0.0
+    for p in keep:
+        p.requires_grad_(False)
+    try:
+        for j, rows in enumerate(mbs):
+            if modes[j] == "deployed":
+                sub = subset(r, rows)
+                with adapter.adapter_mode(model, "train"):
+                    kl = (grpo.kl_k3(grpo.token_logp(model, sub, a.temperature), dep[j]) * sub.completion_mask).sum()
+                    (a.quar_kl * kl / norm).backward()
+                total, ntok = total + kl.item(), ntok + sub.completion_mask.sum().item()
+    finally:
+        for p in keep:
+            p.requires_grad_(True)
+    return total / max(ntok, 1.0)
 
 
 def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sampled=None):
@@ -80,6 +106,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sample
         cap = routing.Capture(model, n_rollouts=B, router=router, vhack=vh, flags=flags,
                               opts={"flagged_only": a.flagged_only})
         finite, kl_sum, logp_sum, ent_sum, off_tok, off_k1, off_clip = True, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        dep = [None] * len(mbs)  # the deployed forward's log-probs, for --quar-kl
         with cap:
             for j, rows in enumerate(mbs):
                 cap.rows(rows)
@@ -92,6 +119,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sample
                         pi_old = torch.where(off[j][:, None], behave[j], pi_old)
                     loss = grpo.grpo_loss(logp, pi_old, adv[rows], mask, norm, ref[j], a.beta, a.eps, a.dual_clip).sum()
                     finite &= bool(torch.isfinite(loss))
+                    dep[j] = logp.detach() if modes[j] == "deployed" else None
                     if finite:
                         loss.backward()
                 if behave[j] is not None:  # how far the trained-under forward is from the sampler's
@@ -103,6 +131,8 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sample
                 logp_sum += (logp.detach() * mask).sum().item()
                 ent_sum += (ent * mask).sum().item()
         stats = cap.route()
+        if a.quar_kl > 0 and finite:  # after route(): the capture hooks are gone, autograd writes .grad
+            stats["qkl"] = quarantine_kl(a, model, r, mbs, modes, dep, norm)
         finite &= all(bool(torch.isfinite(p.grad).all()) for g in opt.param_groups for p in g["params"]
                       if p.grad is not None)
         if finite:  # a non-finite loss or gradient skips the update (logged), never poisons the weights
