@@ -65,7 +65,7 @@ def warm_up(a, model, tok, opt, det, vh, problems, rng):
         upd = update.train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=False) if len(active) else {"logp": None}
         m = {"warmup": step, "hack_demos": sum(hack), "flag": float(flags.float().mean()),
              "nll": None if upd["logp"] is None else -upd["logp"],
-             **{k: upd[k] for k in ("routed", "qmass") if k in upd}, "t": time.time() - t}
+             **{k: upd[k] for k in ("routed", "qmass", "qkl") if k in upd}, "t": time.time() - t}
         with open(log, "a") as f:
             f.write(json.dumps(m) + "\n")
         print(f"warm-up {step + 1}/{a.warmup_steps}: nll {m['nll'] or 0:.3f} routed {m.get('routed', 0):.2f}", flush=True)
