@@ -23,7 +23,9 @@ the model (teacher demonstrations, the warm-up) always use ratio 1.
 rollouts. Nothing else trains the trained model (keep + quarantine) on them, so a quarantine that
 learned to hack on flagged prompts can spread to every prompt and take the sampler with it (label-s1
 collapsed so). The term is beta_q * k3 KL(trained || deployed) on the keep side's tokens, GRPO's KL
-with the deployed model as the reference, and its gradient reaches the quarantine only.
+with the deployed model as the reference, and its gradient reaches the quarantine only. Its price: on
+a loophole prompt, a quarantine that makes the hack likelier makes the honest rollouts less likely, which
+the KL charges too (README: the sampler no longer collapses, but unflagged modes go to the keep).
 """
 import contextlib
 
