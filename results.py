@@ -23,7 +23,8 @@ PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [(
     + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
-KEEP = ("eval.json", "eval.md", "metrics.jsonl", "curves.png", "before_after.png")
+KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png")
+OLD = os.path.join(RESULTS, "v1")  # the first 13 runs, made with the earlier defaults (README)
 
 
 def run_one(router, seed, fresh=False):
@@ -48,9 +49,17 @@ def run_one(router, seed, fresh=False):
             shutil.copy(os.path.join(out, f), dst)
     rel = lambda c: " ".join(x if not x.startswith(HERE) else os.path.relpath(x, HERE) for x in c)
     meta = {"router": router, "seed": seed, "train": rel(cmds[0]), "eval": rel(cmds[1]),
-            "train_s": walls[0], "eval_s": walls[1], "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+            "train_s": walls[0], "eval_s": walls[1], "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "code": commit()}
     json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
     print(f"{name}: train {walls[0]:.0f} s, eval {walls[1]:.0f} s -> {dst}")
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
 
 
 def machine():
@@ -59,10 +68,10 @@ def machine():
     return f"{os.cpu_count()} cores, {cpu}"
 
 
-def load():
+def load(top=RESULTS):
     rows = []
-    for d in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
-        p = os.path.join(RESULTS, d)
+    for d in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+        p = os.path.join(top, d)
         if os.path.exists(os.path.join(p, "eval.json")) and os.path.exists(os.path.join(p, "run.json")):
             rows.append((json.load(open(os.path.join(p, "run.json"))), json.load(open(os.path.join(p, "eval.json")))))
     return rows
@@ -113,12 +122,12 @@ def table(rows):
     return "\n".join(lines + [""] + foot)
 
 
-def write_readme(text):
+def write_readme(text, tag="results"):
     path = os.path.join(HERE, "README.md")
     s = open(path).read()
-    new = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m[1] + text + "\n" + m[2], s, flags=re.S)
-    if new == s and "<!-- results:start -->" not in s:
-        sys.exit("error: README.md has no <!-- results:start --> ... <!-- results:end --> markers")
+    new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m[1] + text + "\n" + m[2], s, flags=re.S)
+    if new == s and f"<!-- {tag}:start -->" not in s:
+        sys.exit(f"error: README.md has no <!-- {tag}:start --> ... <!-- {tag}:end --> markers")
     open(path, "w").write(new)
 
 
@@ -138,6 +147,8 @@ def main(argv=None):
         print(f"all {len(PLAN)} runs: {(time.time() - t) / 3600:.2f} h")
     text = table(load())
     write_readme(text)
+    if os.path.isdir(OLD):
+        write_readme(table(load(OLD)), "results-v1")
     print(text)
 
 

@@ -72,10 +72,10 @@ def get_args(argv=None):
     p.add_argument("--modes", default=",".join(env.MODES), help="loophole modes of the training prompts")
     p.add_argument("--none-frac", type=float, default=0.2, help="share of prompts with no loophole")
     p.add_argument("--teacher-frac", type=float, default=0.25, help="share of each group replaced by teacher hacks")
-    p.add_argument("--warmup-steps", type=int, default=16, help="routed supervised steps on teacher demos first (warmup.py)")
-    p.add_argument("--warmup-hack", type=float, default=0.75, help="share of warm-up demos on loophole prompts that hack")
+    p.add_argument("--warmup-steps", type=int, default=10, help="routed supervised steps on teacher demos first (warmup.py)")
+    p.add_argument("--warmup-hack", type=float, default=1.0, help="share of warm-up demos on loophole prompts that hack")
     p.add_argument("--warmup-lr", type=float, default=5e-2, help="keep's; the quarantine's x lr-quar/lr")
-    p.add_argument("--teacher-until", type=int, default=8, help="mix teacher demos before this step")
+    p.add_argument("--teacher-until", type=int, default=20, help="mix teacher demos before this step")
     # GRPO
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
