@@ -51,6 +51,7 @@ def test_every_router_runs_two_steps():
             assert {"reward", "solve", "hack", "flag", "t_gen", "t_grade", "t_train", "len"} <= set(m)
             assert all(f"hack_{mode}" in m for mode in ("run_tests", "exit_code", "eq_override", "file_marker"))
         assert os.path.exists(os.path.join(out, "ckpt", "adapter.safetensors"))
+        assert ms[1].get("kl") is None and ("logp" not in ms[0] or ms[0]["kl"] >= 0), router  # --kl-every 5
 
 
 def test_resume_equals_uninterrupted_run():
@@ -73,7 +74,7 @@ def test_bad_input_is_one_line_exit_2():
     os.makedirs(ro, exist_ok=True)
     os.chmod(ro, 0o500)
     cases = [["--group-size", "1"], ["--steps", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
-             ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--dual-clip", "0.5"], ["--quar-kl", "1"]]
+             ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--dual-clip", "0.5"], ["--quar-kl", "1"], ["--kl-every", "0"]]
     if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead
         cases.append(["--out", os.path.join(ro, "x")])
     cases.append(["--out", os.path.join(TMP, "full", "metrics.jsonl", "x")])

@@ -87,6 +87,8 @@ def get_args(argv=None):
     p.add_argument("--optim", default="routed", choices=["routed", "adamw"],
                    help="routed: s_keep/s_quar share Adam's second moment, so s_quar moves by its share (optim.py)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
+    p.add_argument("--kl-every", type=int, default=5, help="log the KL to base every N steps when --beta is 0 "
+                   "(its reference forward is ~25%% of the train phase)")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip")
     p.add_argument("--quar-kl", type=float, default=0.0, help="label, deployed keep-forward: KL(trained||deployed) "
                    "on unflagged rollouts, paid by the quarantine (update.py)")
@@ -109,8 +111,8 @@ def check_args(a):
     a.keep_forward = update.keep_forward(a)
     if a.group_size < 2:
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
-    if a.steps <= 0 or a.prompts <= 0 or a.max_new_tokens <= 0 or a.micro <= 0:
-        ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
+    if min(a.steps, a.prompts, a.max_new_tokens, a.micro, a.kl_every) <= 0:
+        ckpt.die("--steps, --prompts, --max-new-tokens, --micro and --kl-every must be positive")
     if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
         ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
     if a.quar_kl < 0 or (a.quar_kl > 0 and a.keep_forward != "deployed"):
@@ -174,7 +176,8 @@ def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
            else grpo.group_advantages(rewards, a.group_size, a.adv_scale, valid))
     active = adv.view(-1, a.group_size).abs().sum(-1).repeat_interleave(a.group_size).nonzero().squeeze(-1)
     norm = a.prompts * a.group_size * a.max_new_tokens  # Dr.GRPO's constant normaliser
-    upd = (update.train_update(a, model, opt, r, adv, flags, active, vh, norm, sampled=~teacher)
+    kl = a.beta > 0 or step % a.kl_every == 0  # with beta 0 the reference forward only serves this log
+    upd = (update.train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=kl, sampled=~teacher)
            if len(active) else {"skipped": 1})
     t3 = time.time()
     m = {"step": step, **step_metrics(a, grades, pmodes, flags, teacher, r), **upd,
