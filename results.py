@@ -35,6 +35,7 @@ def run_one(router, seed, fresh=False):
     cmds = [["python", "train.py", "--router", router, "--seed", str(seed), "--out", out],
             ["python", "eval.py", "--ckpt", out]]
     if not fresh and os.path.exists(os.path.join(out, "ckpt")):
+        stale(cmds[0][2:], out)
         cmds[0] = ["python", "train.py", "--resume", out]  # continue a killed run
     walls = []
     for cmd in cmds:
@@ -53,6 +54,22 @@ def run_one(router, seed, fresh=False):
             "code": commit()}
     json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
     print(f"{name}: train {walls[0]:.0f} s, eval {walls[1]:.0f} s -> {dst}")
+
+
+def stale(argv, out):
+    """Exit if the run in out was started with other arguments than argv gives now (e.g. older defaults):
+    resuming it would put an old run under today's command."""
+    import train  # torch: only when a run is resumed
+    a = train.get_args(argv)
+    a.keep_forward = train.update.keep_forward(a)  # as train.check_args saves it
+    now, path = vars(a), os.path.join(out, "ckpt", "args.json")
+    if not os.path.exists(path):
+        sys.exit(f"error: {out} has a checkpoint without {path}; rerun with --fresh")
+    saved = {**train.ckpt.OLD_DEFAULTS, **json.load(open(path))}  # as ckpt.resume_args reads it
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in sorted(now)
+            if k not in ("out", "resume", "stop_after") and saved.get(k) != now[k]]
+    if diff:
+        sys.exit(f"error: {out} was started with other arguments ({', '.join(diff)}); rerun with --fresh")
 
 
 def commit():

@@ -189,6 +189,20 @@ def test_results_table_is_built_from_runs():
     assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
 
 
+def test_results_will_not_resume_a_run_with_other_arguments():
+    """results.py run resumes a killed run only if its saved arguments are today's: a run started under
+    older defaults exits with one line naming the difference, instead of landing in the table."""
+    import results
+    out = os.path.join(TMP, "stale")
+    assert run(FAST + ["--router", "none", "--steps", "1", "--out", out]) == 0
+    results.stale(FAST + ["--router", "none", "--steps", "1", "--out", out], out)  # same arguments: no exit
+    try:
+        results.stale(FAST + ["--router", "none", "--steps", "2", "--out", out], out)
+        raise AssertionError("a run with other --steps was resumed")
+    except SystemExit as e:
+        assert str(e).startswith("error:") and "--steps 1 -> 2" in str(e), e
+
+
 def test_eval_bad_input():
     """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
     test split: one line starting with error:, exit 2."""
