@@ -37,7 +37,7 @@ def run_one(router, seed, fresh=False):
     if not fresh and os.path.exists(os.path.join(out, "ckpt")):
         stale(cmds[0][2:], out)
         cmds[0] = ["python", "train.py", "--resume", out]  # continue a killed run
-    walls = []
+    walls, head = [], commit()  # the code the run starts from
     for cmd in cmds:
         t = time.time()
         code = subprocess.call([sys.executable] + cmd[1:], cwd=HERE)
@@ -51,7 +51,7 @@ def run_one(router, seed, fresh=False):
     rel = lambda c: " ".join(x if not x.startswith(HERE) else os.path.relpath(x, HERE) for x in c)
     meta = {"router": router, "seed": seed, "train": rel(cmds[0]), "eval": rel(cmds[1]),
             "train_s": walls[0], "eval_s": walls[1], "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "code": commit()}
+            "code": head}
     json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
     print(f"{name}: train {walls[0]:.0f} s, eval {walls[1]:.0f} s -> {dst}")
 
