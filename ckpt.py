@@ -64,12 +64,17 @@ def load_ckpt(a, model, opt):
     return st["step"], st["rngs"], vh
 
 
+def saved_args(out):
+    """The arguments the run in out was started with (OLD_DEFAULTS filling what older runs lack), or None."""
+    path = os.path.join(out, "ckpt", "args.json")
+    return {**OLD_DEFAULTS, **json.load(open(path))} if os.path.exists(path) else None
+
+
 def resume_args(a):
     """--resume OUT: the saved arguments win (a resumed run is the same run), except --stop-after."""
-    path = os.path.join(a.resume, "ckpt", "args.json")
-    if not os.path.exists(path):
-        die(f"--resume {a.resume}: no checkpoint there (expected {path})")
-    saved = {**OLD_DEFAULTS, **json.load(open(path))}
+    saved = saved_args(a.resume)
+    if saved is None:
+        die(f"--resume {a.resume}: no checkpoint there (expected {os.path.join(a.resume, 'ckpt', 'args.json')})")
     if a.model != saved["model"] and a.model != "smollm2":
         die(f"--resume {a.resume} was trained with --model {saved['model']}, not {a.model}")
     return argparse.Namespace(**{**saved, "resume": a.resume, "out": a.resume, "stop_after": a.stop_after})

@@ -62,10 +62,9 @@ def stale(argv, out):
     import train  # torch: only when a run is resumed
     a = train.get_args(argv)
     a.keep_forward = train.update.keep_forward(a)  # as train.check_args saves it
-    now, path = vars(a), os.path.join(out, "ckpt", "args.json")
-    if not os.path.exists(path):
-        sys.exit(f"error: {out} has a checkpoint without {path}; rerun with --fresh")
-    saved = {**train.ckpt.OLD_DEFAULTS, **json.load(open(path))}  # as ckpt.resume_args reads it
+    now, saved = vars(a), train.ckpt.saved_args(out)
+    if saved is None:
+        sys.exit(f"error: {out} has a checkpoint without its args.json; rerun with --fresh")
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in sorted(now)
             if k not in ("out", "resume", "stop_after") and saved.get(k) != now[k]]
     if diff:
