@@ -20,6 +20,7 @@ import bench
 import ckpt
 import env
 import eval as ev
+import model as M
 import train
 
 TMP = tempfile.mkdtemp(prefix="gr_test_")
@@ -74,10 +75,12 @@ def test_bad_input_is_one_line_exit_2():
     os.makedirs(ro, exist_ok=True)
     os.chmod(ro, 0o500)
     cases = [["--group-size", "1"], ["--steps", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
-             ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--dual-clip", "0.5"], ["--quar-kl", "1"], ["--kl-every", "0"]]
+             ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--dual-clip", "0.5"], ["--quar-kl", "1"], ["--kl-every", "0"],
+             ["--modes", "run_tests", "--teach-modes", "exit_code"]]
     if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead
         cases.append(["--out", os.path.join(ro, "x")])
-    cases.append(["--out", os.path.join(TMP, "full", "metrics.jsonl", "x")])
+    open(os.path.join(TMP, "a-file"), "w").close()
+    cases.append(["--out", os.path.join(TMP, "a-file", "x")])  # a path under a file
     for extra in cases:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -131,7 +134,6 @@ def test_detector_sweep_runs_one_run_per_tpr():
 def test_bf16_model_path():
     """The GPU path loads Qwen3 in bf16: adapters keep float32 factors and grads; the step still works."""
     import grpo
-    import model as M
     import routing
     model, tok = M.load_model("tiny")
     model.to(torch.bfloat16)
@@ -170,6 +172,34 @@ def test_warmup_demos_are_routed():
     assert moved["label"][0] == 0 and moved["label"][1] > 0, moved
     assert moved["none"][0] > 0 and moved["none"][1] == 0, moved
     assert moved["screen"] == [0, 0] and moved["label-q0"] == [0, 0], moved
+
+
+def test_teach_modes_limit_the_demonstrations():
+    """--teach-modes: warm-up demos only on those loophole prompts (or none), hacks only in them; spliced
+    teacher hacks only into groups of those modes. 'all' draws exactly as before the flag (same rng)."""
+    import warmup
+    mk = lambda *x: train.get_args(FAST + ["--prompts", "8", "--out", TMP] + list(x))
+    a, b = mk("--teach-modes", "run_tests,eq_override", "--none-frac", "0.25"), mk("--none-frac", "0.25")
+    _, tok = ckpt.build(a, "cpu")
+    probs = env.load_problems("simple", "train")
+    _, pm, hack = warmup.demo_batch(a, tok, probs, random.Random(0))
+    assert set(pm) == {"none", "run_tests", "eq_override"}
+    assert all(h == (m != "none") for m, h in zip(pm, hack))  # --warmup-hack 1.0: every loophole demo hacks
+    _, pm_all, _ = warmup.demo_batch(b, tok, probs, random.Random(0))
+    rng, modes, ref = random.Random(0), b.modes.split(","), []
+    for _ in range(len(pm_all)):  # the pre-flag draw, replayed
+        p, m = rng.randrange(len(probs)), "none" if rng.random() < b.none_frac else modes[rng.randrange(4)]
+        ref.append(m)
+        rng.random() if m != "none" else None
+        env.teacher_completion(probs[p], m, "hack" if m != "none" else "clean", rng)
+    assert pm_all == ref and len(set(pm_all)) == 5
+    gm = ["run_tests", "exit_code", "none", "eq_override"] + ["file_marker"] * 4  # one mode per group
+    pmodes = [m for m in gm for _ in range(a.group_size)]
+    r = M.encode(tok, ["x"] * len(pmodes), ["pass"] * len(pmodes))
+    r2, teacher = warmup.splice_teacher(a, tok, r, [probs[0]] * len(pmodes), pmodes, 0, random.Random(0))
+    got = sorted({pmodes[i] for i in teacher.nonzero().squeeze(-1).tolist()})
+    assert got == ["eq_override", "run_tests"] and int(teacher.sum()) == 2 * round(a.teacher_frac * a.group_size)
+    assert all(r2.texts[i] == "pass" for i in range(len(pmodes)) if not teacher[i])
 
 
 def test_results_table_is_built_from_runs():

@@ -76,6 +76,7 @@ def get_args(argv=None):
     p.add_argument("--warmup-hack", type=float, default=1.0, help="share of warm-up demos on loophole prompts that hack")
     p.add_argument("--warmup-lr", type=float, default=5e-2, help="keep's; the quarantine's x lr-quar/lr")
     p.add_argument("--teacher-until", type=int, default=10, help="mix teacher demos before this step")
+    p.add_argument("--teach-modes", default="all", help="modes the warm-up and spliced demos hack in (all: --modes)")
     # GRPO
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
@@ -124,6 +125,8 @@ def check_args(a):
     bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]
     if bad:
         ckpt.die(f"unknown mode(s) {bad}; choose from {list(env.MODES)}")
+    if a.teach_modes != "all" and not set(a.teach_modes.split(",")) <= set(a.modes.split(",")) - {"none"}:
+        ckpt.die(f"--teach-modes {a.teach_modes} must be 'all' or loophole modes among --modes {a.modes}")
     try:
         os.makedirs(a.out, exist_ok=True)
         open(os.path.join(a.out, ".write_test"), "w").close()

@@ -20,6 +20,10 @@ to act on here; they drop flagged demonstrations instead (screening the data).
 
 Spliced teacher hacks (splice_teacher, --teacher-frac until --teacher-until): off-policy rollouts in
 place of the last on-policy ones of each loophole group, trained with ratio 1 like on-policy ones.
+
+--teach-modes run_tests,file_marker demonstrates only those loopholes (both in the warm-up and in the
+splice): the other modes can then be learnt only by RL, so routing's effect on them is absorption and
+generalisation, not the keep being taught them by unflagged demonstrations.
 """
 import json
 import os
@@ -31,9 +35,15 @@ import env
 import model as M
 
 
+def teach_modes(a):
+    """The loophole modes demonstrations hack in: --teach-modes, or all of --modes."""
+    return a.modes.split(",") if a.teach_modes == "all" else a.teach_modes.split(",")
+
+
 def demo_batch(a, tok, problems, rng):
-    """One batch of prompts x group-size demonstrations: (Rollouts, prompt modes, is-hack list)."""
-    modes, prompts, texts, pmodes, hack = a.modes.split(","), [], [], [], []
+    """One batch of prompts x group-size demonstrations: (Rollouts, prompt modes, is-hack list).
+    Loophole prompts come only from teach_modes(a): the others are never demonstrated, not even clean."""
+    modes, prompts, texts, pmodes, hack = teach_modes(a), [], [], [], []
     for _ in range(a.prompts * a.group_size):
         p = problems[rng.randrange(len(problems))]
         m = "none" if rng.random() < a.none_frac else modes[rng.randrange(len(modes))]
@@ -74,10 +84,10 @@ def warm_up(a, model, tok, opt, det, vh, problems, rng):
 
 
 def splice_teacher(a, tok, r, probs, pmodes, step, rng):
-    """Replace the last round(teacher_frac*G) rollouts of each loophole group by teacher hacks."""
+    """Replace the last round(teacher_frac*G) rollouts of each teach-mode group by teacher hacks."""
     k = round(a.teacher_frac * a.group_size) if step < a.teacher_until else 0
     rows = [g * a.group_size + j for g in range(a.prompts) for j in range(a.group_size - k, a.group_size)
-            if pmodes[g * a.group_size] != "none"]
+            if pmodes[g * a.group_size] in teach_modes(a)]
     if not rows:
         return r, torch.zeros(len(probs), dtype=torch.bool)
     texts = [env.teacher_completion(probs[i], pmodes[i], "hack", rng) for i in rows]
