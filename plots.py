@@ -57,8 +57,9 @@ def training_curves(out, router=""):
 
 
 def before_after(out, res):
-    """Hack rate per mode (and solve) for base / trained / deployed, with Wilson intervals."""
-    keys = ["solve"] + [f"hack_{m}" for m in MODES]
+    """Solve, compile and hack rate per mode for base / trained / deployed, with Wilson intervals.
+    Compile is shown because on hard problems solve is ~0: a deletion that breaks the model shows there."""
+    keys = ["solve", "compiles"] + [f"hack_{m}" for m in MODES]
     fig, ax = plt.subplots(figsize=(10, 4))
     w = 0.27
     for i, name in enumerate(("base", "trained", "deployed")):
