@@ -23,7 +23,8 @@ place of the last on-policy ones of each loophole group, trained with ratio 1 li
 
 --teach-modes run_tests,file_marker demonstrates only those loopholes (both in the warm-up and in the
 splice): the other modes can then be learnt only by RL, so routing's effect on them is absorption and
-generalisation, not the keep being taught them by unflagged demonstrations.
+generalisation, not the keep being taught them by unflagged demonstrations. (Measured on SmolLM2: plain
+GRPO then never hacks the undemonstrated modes; README, "Do the unflagged modes emerge ...".)
 """
 import json
 import os
@@ -86,8 +87,9 @@ def warm_up(a, model, tok, opt, det, vh, problems, rng):
 def splice_teacher(a, tok, r, probs, pmodes, step, rng):
     """Replace the last round(teacher_frac*G) rollouts of each teach-mode group by teacher hacks."""
     k = round(a.teacher_frac * a.group_size) if step < a.teacher_until else 0
+    taught = teach_modes(a)
     rows = [g * a.group_size + j for g in range(a.prompts) for j in range(a.group_size - k, a.group_size)
-            if pmodes[g * a.group_size] in teach_modes(a)]
+            if pmodes[g * a.group_size] in taught]
     if not rows:
         return r, torch.zeros(len(probs), dtype=torch.bool)
     texts = [env.teacher_completion(probs[i], pmodes[i], "hack", rng) for i in rows]
