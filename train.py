@@ -125,7 +125,7 @@ def check_args(a):
     bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]
     if bad:
         ckpt.die(f"unknown mode(s) {bad}; choose from {list(env.MODES)}")
-    if a.teach_modes != "all" and not set(a.teach_modes.split(",")) <= set(a.modes.split(",")) - {"none"}:
+    if not set(warmup.teach_modes(a)) <= set(a.modes.split(",")):  # 'all' is --modes itself
         ckpt.die(f"--teach-modes {a.teach_modes} must be 'all' or loophole modes among --modes {a.modes}")
     try:
         os.makedirs(a.out, exist_ok=True)
