@@ -190,7 +190,8 @@ def test_teach_modes_limit_the_demonstrations():
     for _ in range(len(pm_all)):  # the pre-flag draw, replayed
         p, m = rng.randrange(len(probs)), "none" if rng.random() < b.none_frac else modes[rng.randrange(4)]
         ref.append(m)
-        rng.random() if m != "none" else None
+        if m != "none":
+            rng.random()  # demo_batch's --warmup-hack draw (1.0: every loophole demo hacks)
         env.teacher_completion(probs[p], m, "hack" if m != "none" else "clean", rng)
     assert pm_all == ref and len(set(pm_all)) == 5
     gm = ["run_tests", "exit_code", "none", "eq_override"] + ["file_marker"] * 4  # one mode per group
