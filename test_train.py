@@ -53,6 +53,13 @@ def test_every_router_runs_two_steps():
             assert all(f"hack_{mode}" in m for mode in ("run_tests", "exit_code", "eq_override", "file_marker"))
         assert os.path.exists(os.path.join(out, "ckpt", "adapter.safetensors"))
         assert ms[1].get("kl") is None and ("logp" not in ms[0] or ms[0]["kl"] >= 0), router  # --kl-every 5
+        ss = metrics(out, "samples.jsonl")  # per-rollout routing share f: label's is its flag, none's 0
+        want = {"label": lambda s: float(s["flag"]), "none": lambda s: 0.0}.get(router, lambda s: s["f"])
+        assert all(s["f"] == want(s) for s in ss), router
+        if router == "grad":  # f is the cosine mapped through the band and clamped: monotone in it, in [0, 1]
+            cf = sorted((s["cos"], s["f"]) for s in ss)
+            assert all(0 <= f <= 1 for _, f in cf) and all(a[1] <= b[1] for a, b in zip(cf, cf[1:])), cf
+            assert all({"cos_teach", "cos_other"} <= set(m) for m in ms)
 
 
 def test_resume_equals_uninterrupted_run():

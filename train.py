@@ -17,6 +17,7 @@ written after every step (the adapter is small), so --resume loses nothing that 
 """
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -161,6 +162,17 @@ def step_metrics(a, grades, pmodes, flags, teacher, r):
     return m
 
 
+def cos_split(grades, adv, active, cos):
+    """Does v_hack see the hacks? (logging only: reads the oracle.) Mean routing cosine of the active
+    rollouts whose update teaches an exploit (exploited, A > 0: the grad router should route them)
+    and of the other active rollouts. The grad router separates them only if cos_teach > cos_other."""
+    on = torch.zeros(len(grades), dtype=torch.bool)
+    on[active] = True
+    teach = torch.tensor([g.exploited for g in grades]) & (adv > 0) & on
+    mean = lambda sel: cos[sel].mean().item() if sel.any() and not cos[sel].isnan().any() else None
+    return {"cos_teach": mean(teach), "cos_other": mean(on & ~teach)}
+
+
 def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
     t0 = time.time()
     probs, pmodes = sample_batch(a, problems, rng)
@@ -183,11 +195,14 @@ def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
     upd = (update.train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=kl, sampled=~teacher)
            if len(active) else {"skipped": 1})
     t3 = time.time()
-    m = {"step": step, **step_metrics(a, grades, pmodes, flags, teacher, r), **upd,
-         "active": len(active), "t_gen": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}
+    ro = upd.pop("rollout", None) or {"cos": torch.full((len(probs),), math.nan), "f": torch.zeros(len(probs))}
+    m = {"step": step, **step_metrics(a, grades, pmodes, flags, teacher, r), **cos_split(grades, adv, active, ro["cos"]),
+         **upd, "active": len(active), "t_gen": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}
+    num = lambda x: None if math.isnan(x) else round(x, 4)
     samples = [{"step": step, "problem": probs[i].id, "mode": pmodes[i], "teacher": bool(teacher[i]),
                 "reward": grades[i].reward, "gt_correct": grades[i].gt_correct, "exploited": grades[i].exploited,
-                "flag": bool(flags[i]), "text": r.texts[i]} for i in range(0, len(probs), a.group_size // 2)]
+                "flag": bool(flags[i]), "adv": num(adv[i].item()), "cos": num(ro["cos"][i].item()), "f": num(ro["f"][i].item()),
+                "text": r.texts[i]} for i in range(0, len(probs), a.group_size // 2)]
     return m, samples
 
 

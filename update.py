@@ -133,6 +133,7 @@ def train_update(a, model, opt, r, adv, flags, active, vh, norm, kl=True, sample
                 logp_sum += (logp.detach() * mask).sum().item()
                 ent_sum += (ent * mask).sum().item()
         stats = cap.route()
+        stats["rollout"] = {"cos": cap.cos, "f": cap.f}  # per rollout, for train.py's logs (popped there)
         if a.quar_kl > 0 and finite:  # after route(): the capture hooks are gone, autograd writes .grad
             stats["qkl"] = quarantine_kl(a, model, r, mbs, modes, dep, norm)
         finite &= all(bool(torch.isfinite(p.grad).all()) for g in opt.param_groups for p in g["params"]
