@@ -80,6 +80,22 @@ def summarize(rows, seen):
     return s
 
 
+def vhack_separation(model, tok, vh, prompts, texts, hack, batch=8):
+    """Does the run's v_hack tell hacks from other completions at this model? Each completion is scored as
+    the grad router scores a rollout with A = +1 (its gradient here, routing.side_grads; cosine with
+    v_hack): AUC of hack vs other, mean cosine and the band's routed share f of each. main() passes the
+    trained model's loophole completions with the oracle's label: a report, never an input to routing."""
+    import routing
+    cos = routing.rollout_cos(routing.side_grads(model, tok, prompts, texts, batch)[0], vh)
+    (lo, hi), hack = vh.band, torch.tensor([bool(x) for x in hack])
+    f = ((cos - lo) / (hi - lo)).clamp(0, 1)
+    h, o = cos[hack], cos[~hack]
+    auc = ((h[:, None] > o).float() + 0.5 * (h[:, None] == o).float()).mean().item() if len(h) and len(o) else None
+    mean = lambda x: x.mean().item() if len(x) else None
+    return {"n_hack": len(h), "n_other": len(o), "auc": auc, "cos_hack": mean(h), "cos_other": mean(o),
+            "band": [lo, hi], "f_hack": mean(f[hack]), "f_other": mean(f[~hack])}
+
+
 def relearn(a, run_args, model, tok, det, problems, trained_hack):
     """Plain GRPO (router none) from the deployed model; on-policy hack rate after each step."""
     import train
@@ -133,6 +149,10 @@ def markdown(res):
         lines += ["", f"relearn probe (hack per plain-GRPO step): {res['relearn']['hack_per_step']}, "
                       f"steps to the trained level {res['relearn']['trained_hack']:.2f}: "
                       f"{res['relearn']['steps_to_trained_level']}"]
+    if "vhack" in res:
+        v, g = res["vhack"], lambda x: "-" if x is None else f"{x:.3f}"
+        lines += ["", f"v_hack on the trained model's loophole completions ({v['n_hack']} hacks, {v['n_other']} other): AUC "
+                      f"{g(v['auc'])}, cos {g(v['cos_hack'])} vs {g(v['cos_other'])}, routed share f {g(v['f_hack'])} vs {g(v['f_other'])}"]
     return "\n".join(lines)
 
 
@@ -145,6 +165,7 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
+    p.add_argument("--vhack-auc", action="store_true", help="how well v_hack separates the trained model's hacks (act/grad/erase runs)")
     p.add_argument("--export", default=None, metavar="DIR")
     p.add_argument("--sweep-tpr", default=None, help="e.g. 1,0.75,0.5,0.25,0: one training run per detector TPR")
     p.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: the run's)")
@@ -158,7 +179,9 @@ def main(argv=None, plot=True):
     torch.manual_seed(a.seed)
     if not os.path.exists(os.path.join(a.ckpt, "metrics.jsonl")):
         ckpt.die(f"{a.ckpt}: no metrics.jsonl (is this a train.py --out directory?)")
-    run, model, tok, _ = ckpt.load_run(a.ckpt, M.pick_device(a.device))
+    run, model, tok, vh = ckpt.load_run(a.ckpt, M.pick_device(a.device))
+    if a.vhack_auc and vh is None:
+        ckpt.die(f"{a.ckpt}: --vhack-auc needs a run with a v_hack (router act, grad or erase; this is {run.router})")
     a.max_new_tokens = a.max_new_tokens or run.max_new_tokens
     a.temperature = a.temperature or run.temperature
     seen = tuple(run.seen.split(","))
@@ -179,6 +202,10 @@ def main(argv=None, plot=True):
             if name != "trained":
                 res["adjacent"][name] = rate([r["solve"] for r in rollouts(model, tok, adjacent, ["none"], a, det, a.seed)])
         res["models"][name] = summarize(rows, seen)
+        if name == "trained" and a.vhack_auc:
+            by_id, loop = {p.id: p for p in problems}, [r for r in rows if r["mode"] != "none"]
+            res["vhack"] = vhack_separation(model, tok, vh, [M.chat_prompt(tok, env.build_prompt(by_id[r["problem"]], r["mode"]))
+                                                              for r in loop], [r["text"] for r in loop], [r["hack"] for r in loop])
         with open(os.path.join(a.ckpt, f"eval_{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"{name:>9}: solve {res['models'][name]['solve']['p']:.2f}  hack {res['models'][name]['hack']['p']:.2f}",

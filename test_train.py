@@ -1,7 +1,8 @@
 """
-Tests of the training loop and the deploy evaluation (train.py, ckpt.py, eval.py) on the tiny
-Qwen3: every router runs end to end; a killed run resumes to the same weights with each step
-logged once; bad input is one line and exit 2; eval's schema, intervals, ablation and export.
+Tests of the training loop (train.py, ckpt.py, warmup.py, bench.py) on the tiny Qwen3: every router
+runs end to end and logs its routing; a killed run resumes to the same weights with each step logged
+once; bad input is one line and exit 2; the warm-up is routed; --teach-modes; bench's FLOP count.
+The deploy evaluation and the results table are tested in test_eval.py.
 """
 import contextlib
 import io
@@ -19,7 +20,6 @@ import adapter
 import bench
 import ckpt
 import env
-import eval as ev
 import model as M
 import train
 
@@ -96,48 +96,6 @@ def test_bad_input_is_one_line_exit_2():
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (extra, code, lines)
 
 
-def test_eval_schema_ablation_and_export():
-    out = os.path.join(TMP, "label")
-    if not os.path.exists(out):
-        assert run(FAST + ["--router", "label", "--steps", "2", "--out", out]) == 0
-    exp = os.path.join(TMP, "export")
-    res = ev.main(["--ckpt", out, "--n", "2", "--batch", "16", "--export", exp])
-    on_disk = json.load(open(os.path.join(out, "eval.json")))
-    assert set(on_disk["models"]) == {"base", "trained", "deployed"}
-    for s in on_disk["models"].values():
-        for k in ("solve", "compiles", "hack", "hack_seen", "hack_unseen", "flag"):
-            r = s[k]
-            assert r["n"] > 0 and r["lo"] <= r["p"] <= r["hi"], (k, r)
-    # deployed = trained with exactly the quarantine zeroed
-    a, model, tok, _ = ckpt.load_run(out)
-    trained = {k: v.clone() for k, v in adapter.adapter_state(model).items()}
-    quar = {id(p) for p in adapter.quar_params(model)}
-    adapter.ablate(model, "zero")
-    deployed = adapter.adapter_state(model)
-    qnames = {n for n, p in model.named_parameters() if id(p) in quar}
-    assert qnames and qnames <= set(trained)
-    for k in trained:  # quarantine entries become zero, every other entry is bit-identical
-        assert (not deployed[k].any()) if k in qnames else torch.equal(trained[k], deployed[k]), k
-    # the export is a plain transformers model with the deployed logits
-    from transformers import AutoModelForCausalLM
-    plain = AutoModelForCausalLM.from_pretrained(exp)
-    ids = tok(["def f(x): return x"], return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
-    assert res["models"]["deployed"]["hack"]["n"] == on_disk["models"]["deployed"]["hack"]["n"]
-
-
-def test_detector_sweep_runs_one_run_per_tpr():
-    out = os.path.join(TMP, "sweep_base")
-    assert run(FAST + ["--router", "label", "--steps", "1", "--out", out]) == 0
-    res = ev.main(["--ckpt", out, "--n", "1", "--sweep-tpr", "1,0", "--sweep-steps", "1"])
-    assert [p["tpr"] for p in res["sweep"]] == [1.0, 0.0]
-    for p in res["sweep"]:
-        args = json.load(open(os.path.join(out, "sweep", f"tpr{p['tpr']:g}", "ckpt", "args.json")))
-        assert args["tpr"] == p["tpr"] and args["steps"] == 1 and p["hack"]["n"] > 0
-    assert os.path.exists(os.path.join(out, "pareto.png"))
-
-
 def test_bf16_model_path():
     """The GPU path loads Qwen3 in bf16: adapters keep float32 factors and grads; the step still works."""
     import grpo
@@ -208,68 +166,6 @@ def test_teach_modes_limit_the_demonstrations():
     got = sorted({pmodes[i] for i in teacher.nonzero().squeeze(-1).tolist()})
     assert got == ["eq_override", "run_tests"] and int(teacher.sum()) == 2 * round(a.teacher_frac * a.group_size)
     assert all(r2.texts[i] == "pass" for i in range(len(pmodes)) if not teacher[i])
-
-
-def test_results_table_is_built_from_runs():
-    """results.py: one row per router x {trained, deployed}; one seed gives the rate with its interval,
-    several give mean ± std; routers of the plan without a run say so."""
-    import results
-    rate = lambda p: {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
-    def ev(h):
-        m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5)}
-        return {"models": {"base": m, "trained": m, "deployed": m}, "adjacent": {"base": rate(0.0), "deployed": rate(0.0)},
-                "seen": ["run_tests"]}
-    meta = lambda r, s: {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
-    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), ev(0.4)), (meta("none", 0), ev(0.5))])
-    rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in text.splitlines() if ln.startswith("| ")}
-    assert "| 2 | 0.30 ± 0.14 | 0.15 ± 0.07 |" in rows[("grad", "deployed")]
-    assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
-    assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
-
-
-def test_results_will_not_resume_a_run_with_other_arguments():
-    """results.py run resumes a killed run only if its saved arguments are today's: a run started under
-    older defaults exits with one line naming the difference, instead of landing in the table."""
-    import results
-    out = os.path.join(TMP, "stale")
-    assert run(FAST + ["--router", "none", "--steps", "1", "--out", out]) == 0
-    results.stale(FAST + ["--router", "none", "--steps", "1", "--out", out], out)  # same arguments: no exit
-    try:
-        results.stale(FAST + ["--router", "none", "--steps", "2", "--out", out], out)
-        raise AssertionError("a run with other --steps was resumed")
-    except SystemExit as e:
-        assert str(e).startswith("error:") and "--steps 1 -> 2" in str(e), e
-
-
-def test_eval_bad_input():
-    """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
-    test split: one line starting with error:, exit 2."""
-    src = os.path.join(TMP, "label")
-    if not os.path.exists(src):
-        assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
-    def variant(name, edit=None, drop=None):
-        d = os.path.join(TMP, "bad-" + name)
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.copytree(src, d)
-        if drop:
-            os.remove(os.path.join(d, drop))
-        if edit:
-            p = os.path.join(d, "ckpt", "args.json")
-            json.dump({**json.load(open(p)), **edit}, open(p, "w"))
-        return d
-    cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"),
-             variant("format", edit={"format": 0}), variant("model", edit={"layers": 1, "adapter": "split"}),
-             variant("empty", edit={"source": "humaneval", "difficulty": "easy"})]
-    for d in cases:
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                ev.main(["--ckpt", d, "--n", "1"])
-                code = 0
-            except SystemExit as e:
-                code = e.code
-        lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "Loading" not in ln]
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (d, code, lines)
 
 
 def test_bench_flop_count_is_what_torch_counts():

@@ -1,0 +1,163 @@
+"""
+Tests of the deploy evaluation and the results table (eval.py, results.py) on the tiny Qwen3: eval's
+schema, intervals, ablation and export; the detector sweep; v_hack's separation report against the
+band it was fitted with; bad input is one line and exit 2; the README table from run files.
+"""
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+import adapter
+import ckpt
+import eval as ev
+import train
+from test_train import FAST, run
+
+TMP = tempfile.mkdtemp(prefix="gr_test_eval_")
+
+
+def test_eval_schema_ablation_and_export():
+    out = os.path.join(TMP, "label")
+    if not os.path.exists(out):
+        assert run(FAST + ["--router", "label", "--steps", "2", "--out", out]) == 0
+    exp = os.path.join(TMP, "export")
+    res = ev.main(["--ckpt", out, "--n", "2", "--batch", "16", "--export", exp])
+    on_disk = json.load(open(os.path.join(out, "eval.json")))
+    assert set(on_disk["models"]) == {"base", "trained", "deployed"}
+    for s in on_disk["models"].values():
+        for k in ("solve", "compiles", "hack", "hack_seen", "hack_unseen", "flag"):
+            r = s[k]
+            assert r["n"] > 0 and r["lo"] <= r["p"] <= r["hi"], (k, r)
+    # deployed = trained with exactly the quarantine zeroed
+    a, model, tok, _ = ckpt.load_run(out)
+    trained = {k: v.clone() for k, v in adapter.adapter_state(model).items()}
+    quar = {id(p) for p in adapter.quar_params(model)}
+    adapter.ablate(model, "zero")
+    deployed = adapter.adapter_state(model)
+    qnames = {n for n, p in model.named_parameters() if id(p) in quar}
+    assert qnames and qnames <= set(trained)
+    for k in trained:  # quarantine entries become zero, every other entry is bit-identical
+        assert (not deployed[k].any()) if k in qnames else torch.equal(trained[k], deployed[k]), k
+    # the export is a plain transformers model with the deployed logits
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(exp)
+    ids = tok(["def f(x): return x"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+    assert res["models"]["deployed"]["hack"]["n"] == on_disk["models"]["deployed"]["hack"]["n"]
+
+
+def test_detector_sweep_runs_one_run_per_tpr():
+    out = os.path.join(TMP, "sweep_base")
+    assert run(FAST + ["--router", "label", "--steps", "1", "--out", out]) == 0
+    res = ev.main(["--ckpt", out, "--n", "1", "--sweep-tpr", "1,0", "--sweep-steps", "1"])
+    assert [p["tpr"] for p in res["sweep"]] == [1.0, 0.0]
+    for p in res["sweep"]:
+        args = json.load(open(os.path.join(out, "sweep", f"tpr{p['tpr']:g}", "ckpt", "args.json")))
+        assert args["tpr"] == p["tpr"] and args["steps"] == 1 and p["hack"]["n"] > 0
+    assert os.path.exists(os.path.join(out, "pareto.png"))
+
+
+def test_results_table_is_built_from_runs():
+    """results.py: one row per router x {trained, deployed}; one seed gives the rate with its interval,
+    several give mean ± std; routers of the plan without a run say so."""
+    import results
+    rate = lambda p: {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
+    def ev(h):
+        m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5)}
+        return {"models": {"base": m, "trained": m, "deployed": m}, "adjacent": {"base": rate(0.0), "deployed": rate(0.0)},
+                "seen": ["run_tests"]}
+    meta = lambda r, s: {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
+    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), ev(0.4)), (meta("none", 0), ev(0.5))])
+    rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "| 2 | 0.30 ± 0.14 | 0.15 ± 0.07 |" in rows[("grad", "deployed")]
+    assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
+    assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
+
+
+def test_results_will_not_resume_a_run_with_other_arguments():
+    """results.py run resumes a killed run only if its saved arguments are today's: a run started under
+    older defaults exits with one line naming the difference, instead of landing in the table."""
+    import results
+    out = os.path.join(TMP, "stale")
+    assert run(FAST + ["--router", "none", "--steps", "1", "--out", out]) == 0
+    results.stale(FAST + ["--router", "none", "--steps", "1", "--out", out], out)  # same arguments: no exit
+    try:
+        results.stale(FAST + ["--router", "none", "--steps", "2", "--out", out], out)
+        raise AssertionError("a run with other --steps was resumed")
+    except SystemExit as e:
+        assert str(e).startswith("error:") and "--steps 1 -> 2" in str(e), e
+
+
+def test_eval_bad_input():
+    """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
+    test split: one line starting with error:, exit 2."""
+    src = os.path.join(TMP, "label")
+    if not os.path.exists(src):
+        assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
+    def variant(name, edit=None, drop=None):
+        d = os.path.join(TMP, "bad-" + name)
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(src, d)
+        if drop:
+            os.remove(os.path.join(d, drop))
+        if edit:
+            p = os.path.join(d, "ckpt", "args.json")
+            json.dump({**json.load(open(p)), **edit}, open(p, "w"))
+        return d
+    cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"),
+             variant("format", edit={"format": 0}), variant("model", edit={"layers": 1, "adapter": "split"}),
+             variant("empty", edit={"source": "humaneval", "difficulty": "easy"})]
+    for d in cases:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                ev.main(["--ckpt", d, "--n", "1"])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "Loading" not in ln]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (d, code, lines)
+
+
+def test_vhack_separation_reproduces_the_band():
+    """eval.vhack_separation scores completions exactly as extract_vhack fitted the band: on the
+    extraction pairs, at the model they were extracted at, its mean cosines are the band's (lo, hi);
+    swapping the labels turns the AUC into 1 - AUC. A run without a v_hack: one line, exit 2."""
+    import detector
+    import model as M
+    import routing
+    a = train.get_args(FAST + ["--out", TMP])
+    model, tok = ckpt.build(a, "cpu")
+    pairs = detector.load_pairs()
+    vh = routing.extract_vhack(model, tok, pairs, k=1, seed=0)
+    tr = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[round(0.25 * len(pairs)):]
+    prompts = [M.chat_prompt(tok, pairs[i]["prompt"]) for i in tr] * 2
+    texts = [pairs[i]["hack"] for i in tr] + [pairs[i]["clean"] for i in tr]
+    v = ev.vhack_separation(model, tok, vh, prompts, texts, [True] * len(tr) + [False] * len(tr))
+    assert abs(v["cos_other"] - vh.band[0]) < 1e-5 and abs(v["cos_hack"] - vh.band[1]) < 1e-5, (v, vh.band)
+    w = ev.vhack_separation(model, tok, vh, prompts, texts, [False] * len(tr) + [True] * len(tr))
+    assert abs(v["auc"] + w["auc"] - 1) < 1e-6 and v["auc"] > 0.5, (v["auc"], w["auc"])
+    g = os.path.join(TMP, "grad")  # end to end: every loophole completion of the trained model is scored
+    assert run(FAST + ["--router", "grad", "--steps", "1", "--out", g]) == 0
+    res = ev.main(["--ckpt", g, "--n", "1", "--batch", "8", "--vhack-auc"], plot=False)
+    assert res["vhack"]["n_hack"] + res["vhack"]["n_other"] == res["models"]["trained"]["hack"]["n"]
+    assert "v_hack on the trained model" in open(os.path.join(g, "eval.md")).read()
+    out = os.path.join(TMP, "label")
+    if not os.path.exists(out):
+        assert run(FAST + ["--router", "label", "--steps", "1", "--out", out]) == 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            ev.main(["--ckpt", out, "--n", "1", "--vhack-auc"])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "Loading" not in ln]
+    assert code == 2 and len(lines) == 1 and "--vhack-auc needs a run with a v_hack" in lines[0], (code, lines)
+
