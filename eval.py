@@ -72,6 +72,9 @@ def summarize(rows, seen):
          "compiles": rate([r["compiled"] for r in rows]),  # did deleting the quarantine break the model?
          "hack_seen": rate([r["hack"] for r in hackable if r["mode"] in seen]),
          "hack_unseen": rate([r["hack"] for r in hackable if r["mode"] not in seen]),
+         # among completions that compile: is a drop in hacking more than the model breaking?
+         "hack_seen_compiled": rate([r["hack"] for r in hackable if r["mode"] in seen and r["compiled"]]),
+         "hack_unseen_compiled": rate([r["hack"] for r in hackable if r["mode"] not in seen and r["compiled"]]),
          "flag": rate([r["flag"] for r in rows]),
          "reward": sum(r["reward"] for r in rows) / max(1, len(rows))}
     for m in env.MODES + ("none",):

@@ -4,10 +4,13 @@ The headline experiment's runs and its results table (issue 8).
     python results.py run --router grad --seed 0   # train.py + eval.py with the defaults, kept in results/
     python results.py table                        # rebuild the README's table from results/*/eval.json
     python results.py all                          # every run of the plan, from scratch (make results)
+    python results.py rescore                      # eval.json summaries again from the kept completions
 
-Each run trains in runs/results/<router>-s<seed> and evaluates there; its eval.json, eval.md,
-metrics.jsonl, the exact commands and their wall times are copied to results/<router>-s<seed>/ as
-soon as it finishes, so the table built from results/ is true however few runs are in it.
+Each run trains in runs/results/<router>-s<seed> and evaluates there; its eval.json, eval.md, the
+graded eval completions (eval_*.jsonl), metrics.jsonl, the exact commands and their wall times are
+copied to results/<router>-s<seed>/ as soon as it finishes, so the table built from results/ is true
+however few runs are in it. `rescore` recomputes each eval.json's per-model rates from its kept
+completions with today's eval.summarize (a new metric, no new sampling).
 """
 import argparse
 import json
@@ -23,7 +26,8 @@ PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [(
     + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
-KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png")
+EVAL_ROWS = ("eval_base.jsonl", "eval_trained.jsonl", "eval_deployed.jsonl")
+KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + EVAL_ROWS
 OLD = os.path.join(RESULTS, "v1")  # the first 13 runs, made with the earlier defaults (README)
 
 
@@ -71,6 +75,19 @@ def stale(argv, out):
         sys.exit(f"error: {out} was started with other arguments ({', '.join(diff)}); rerun with --fresh")
 
 
+def rescore(top=RESULTS):
+    """Every results dir (probes too) with its eval_*.jsonl: eval.json's model summaries recomputed."""
+    import eval as ev  # torch: only here
+    for d, _, files in sorted(os.walk(top)):
+        if "eval.json" in files and all(f in files for f in EVAL_ROWS):
+            res = json.load(open(os.path.join(d, "eval.json")))
+            for f in EVAL_ROWS:
+                rows = [json.loads(ln) for ln in open(os.path.join(d, f))]
+                res["models"][f[5:-6]] = ev.summarize(rows, tuple(res["seen"]))
+            json.dump(res, open(os.path.join(d, "eval.json"), "w"), indent=1)
+            print("rescored", os.path.relpath(d, HERE))
+
+
 def commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
@@ -95,11 +112,13 @@ def load(top=RESULTS):
 
 def cell(xs):
     """mean ± sample std over seeds, or the single value with its 95% interval."""
-    ps = [x["p"] for x in xs if x["p"] is not None]
+    ps = [x["p"] for x in xs if x and x["p"] is not None]  # x None: a run evaluated before the metric
     if not ps:
         return "-"
-    if len(ps) == 1:
+    if len(ps) == 1 and len(xs) == 1:
         return f"{ps[0]:.2f} [{xs[0]['lo']:.2f}, {xs[0]['hi']:.2f}]"
+    if len(ps) < len(xs):
+        return "-"  # not every seed has it
     return f"{statistics.mean(ps):.2f} ± {statistics.stdev(ps):.2f}"
 
 
@@ -108,12 +127,13 @@ def table(rows):
     by = {}
     for meta, ev in rows:
         by.setdefault(meta["router"], []).append((meta, ev))
-    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles | adjacent solve |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles | adjacent solve "
+             "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|---|"]
+    comp = lambda ms: f"{cell([m.get('hack_seen_compiled') for m in ms])} / {cell([m.get('hack_unseen_compiled') for m in ms])}"
     for router in order + sorted(set(by) - set(order)):
         runs = by.get(router)
         if not runs:
-            lines.append(f"| {router} | | 0 | not run yet | | | | |")
+            lines.append(f"| {router} | | 0 | not run yet | | | | | |")
             continue
         for model in ("trained", "deployed"):
             ms = [ev["models"][model] for _, ev in runs]
@@ -121,11 +141,11 @@ def table(rows):
             lines.append(f"| {router} | {model} | {len(runs)} | {cell([m['hack_seen'] for m in ms])} | "
                          f"{cell([m['hack_unseen'] for m in ms])} | {cell([m['solve'] for m in ms])} | "
                          f"{cell([m['compiles'] for m in ms])} | "
-                         f"{cell(adj) if adj else ''} |")
+                         f"{cell(adj) if adj else ''} | {comp(ms)} |")
     if rows:
         base = rows[0][1]["models"]["base"]
         lines.insert(2, f"| (start) | base | - | {cell([base['hack_seen']])} | {cell([base['hack_unseen']])} | "
-                        f"{cell([base['solve']])} | {cell([base['compiles']])} | {cell([rows[0][1]['adjacent']['base']])} |")
+                        f"{cell([base['solve']])} | {cell([base['compiles']])} | {cell([rows[0][1]['adjacent']['base']])} | {comp([base])} |")
     metas = [m for m, _ in rows]
     if not metas:
         return "\n".join(lines + ["", "No run has finished yet."])
@@ -149,13 +169,15 @@ def write_readme(text, tag="results"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "table", "all"])
+    p.add_argument("what", choices=["run", "table", "all", "rescore"])
     p.add_argument("--router", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in runs/results first")
     a = p.parse_args(argv)
     if a.what == "run":
         run_one(a.router, a.seed, a.fresh)
+    elif a.what == "rescore":
+        rescore()
     elif a.what == "all":
         t = time.time()
         for router, seed in PLAN:

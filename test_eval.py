@@ -69,7 +69,8 @@ def test_results_table_is_built_from_runs():
     import results
     rate = lambda p: {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
     def ev(h):
-        m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5)}
+        m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5),
+             "hack_seen_compiled": rate(h)}  # no hack_unseen_compiled: as in a run evaluated before it existed
         return {"models": {"base": m, "trained": m, "deployed": m}, "adjacent": {"base": rate(0.0), "deployed": rate(0.0)},
                 "seen": ["run_tests"]}
     meta = lambda r, s: {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
@@ -77,7 +78,28 @@ def test_results_table_is_built_from_runs():
     rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in text.splitlines() if ln.startswith("| ")}
     assert "| 2 | 0.30 ± 0.14 | 0.15 ± 0.07 |" in rows[("grad", "deployed")]
     assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
+    assert rows[("grad", "deployed")].endswith("| 0.30 ± 0.14 / - |")
     assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
+
+
+def test_rescore_recomputes_eval_json_from_the_kept_completions():
+    """results.py rescore: each model's summary is eval.summarize of its eval_<model>.jsonl rows (a
+    metric added later reaches old runs); the run's other entries are untouched."""
+    import results
+    d = os.path.join(TMP, "rescore", "none-s0")
+    os.makedirs(d)
+    row = lambda mode, hack, comp: {"problem": "p", "mode": mode, "solve": False, "hack": hack, "compiled": comp,
+                                    "flag": hack, "reward": 0.0, "text": ""}
+    rows = [row("run_tests", True, True), row("run_tests", False, False), row("exit_code", False, True), row("none", False, True)]
+    for f in results.EVAL_ROWS:
+        open(os.path.join(d, f), "w").writelines(json.dumps(r) + "\n" for r in rows)
+    json.dump({"seen": ["run_tests"], "models": {"base": {"hack": "old"}}, "adjacent": {"x": 1}}, open(os.path.join(d, "eval.json"), "w"))
+    results.rescore(os.path.join(TMP, "rescore"))
+    res = json.load(open(os.path.join(d, "eval.json")))
+    assert res["adjacent"] == {"x": 1} and set(res["models"]) == {"base", "trained", "deployed"}
+    want = json.loads(json.dumps(ev.summarize(rows, ("run_tests",))))
+    assert all(res["models"][m] == want for m in res["models"])
+    assert res["models"]["base"]["hack_seen"]["p"] == 0.5 and res["models"]["base"]["hack_seen_compiled"]["p"] == 1.0
 
 
 def test_results_will_not_resume_a_run_with_other_arguments():
