@@ -153,9 +153,13 @@ def markdown(res):
                       f"steps to the trained level {res['relearn']['trained_hack']:.2f}: "
                       f"{res['relearn']['steps_to_trained_level']}"]
     if "vhack" in res:
-        v, g = res["vhack"], lambda x: "-" if x is None else f"{x:.3f}"
-        lines += ["", f"v_hack on the trained model's loophole completions ({v['n_hack']} hacks, {v['n_other']} other): AUC "
-                      f"{g(v['auc'])}, cos {g(v['cos_hack'])} vs {g(v['cos_other'])}, routed share f {g(v['f_hack'])} vs {g(v['f_other'])}"]
+        g = lambda x: "-" if x is None else f"{x:.3f}"
+        lines += ["", "| v_hack on the trained model's loophole completions | hacks / other | AUC | cos hack / other "
+                      "| band | routed share f, hack / other |", "|---|---|---|---|---|---|"]
+        for k, v in res["vhack"].items():
+            if v:
+                lines.append(f"| {k} | {v['n_hack']} / {v['n_other']} | {g(v['auc'])} | {g(v['cos_hack'])} / {g(v['cos_other'])} "
+                             f"| {g(v['band'][0])}, {g(v['band'][1])} | {g(v['f_hack'])} / {g(v['f_other'])} |")
     return "\n".join(lines)
 
 
@@ -168,7 +172,8 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
-    p.add_argument("--vhack-auc", action="store_true", help="how well v_hack separates the trained model's hacks (act/grad/erase runs)")
+    p.add_argument("--vhack-auc", action="store_true",
+                   help="how well the run's v_hack (act/grad/erase), and one extracted afresh at the trained model, separate its hacks")
     p.add_argument("--export", default=None, metavar="DIR")
     p.add_argument("--sweep-tpr", default=None, help="e.g. 1,0.75,0.5,0.25,0: one training run per detector TPR")
     p.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: the run's)")
@@ -183,8 +188,6 @@ def main(argv=None, plot=True):
     if not os.path.exists(os.path.join(a.ckpt, "metrics.jsonl")):
         ckpt.die(f"{a.ckpt}: no metrics.jsonl (is this a train.py --out directory?)")
     run, model, tok, vh = ckpt.load_run(a.ckpt, M.pick_device(a.device))
-    if a.vhack_auc and vh is None:
-        ckpt.die(f"{a.ckpt}: --vhack-auc needs a run with a v_hack (router act, grad or erase; this is {run.router})")
     a.max_new_tokens = a.max_new_tokens or run.max_new_tokens
     a.temperature = a.temperature or run.temperature
     seen = tuple(run.seen.split(","))
@@ -206,9 +209,12 @@ def main(argv=None, plot=True):
                 res["adjacent"][name] = rate([r["solve"] for r in rollouts(model, tok, adjacent, ["none"], a, det, a.seed)])
         res["models"][name] = summarize(rows, seen)
         if name == "trained" and a.vhack_auc:
+            import routing  # the run's v_hack was fitted at the start; "fresh" is fitted here, on the same pairs
             by_id, loop = {p.id: p for p in problems}, [r for r in rows if r["mode"] != "none"]
-            res["vhack"] = vhack_separation(model, tok, vh, [M.chat_prompt(tok, env.build_prompt(by_id[r["problem"]], r["mode"]))
-                                                              for r in loop], [r["text"] for r in loop], [r["hack"] for r in loop])
+            args = ([M.chat_prompt(tok, env.build_prompt(by_id[r["problem"]], r["mode"])) for r in loop],
+                    [r["text"] for r in loop], [r["hack"] for r in loop])
+            fresh = routing.extract_vhack(model, tok, detector.load_pairs(), k=run.vhack_k, seed=run.seed)
+            res["vhack"] = {"run": vh and vhack_separation(model, tok, vh, *args), "fresh": vhack_separation(model, tok, fresh, *args)}
         with open(os.path.join(a.ckpt, f"eval_{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"{name:>9}: solve {res['models'][name]['solve']['p']:.2f}  hack {res['models'][name]['hack']['p']:.2f}",

@@ -150,7 +150,8 @@ def test_eval_bad_input():
 def test_vhack_separation_reproduces_the_band():
     """eval.vhack_separation scores completions exactly as extract_vhack fitted the band: on the
     extraction pairs, at the model they were extracted at, its mean cosines are the band's (lo, hi);
-    swapping the labels turns the AUC into 1 - AUC. A run without a v_hack: one line, exit 2."""
+    swapping the labels turns the AUC into 1 - AUC. Through eval.py on a grad run: the run's v_hack and a
+    fresh one each score every loophole completion of the trained model."""
     import detector
     import model as M
     import routing
@@ -168,18 +169,8 @@ def test_vhack_separation_reproduces_the_band():
     g = os.path.join(TMP, "grad")  # end to end: every loophole completion of the trained model is scored
     assert run(FAST + ["--router", "grad", "--steps", "1", "--out", g]) == 0
     res = ev.main(["--ckpt", g, "--n", "1", "--batch", "8", "--vhack-auc"], plot=False)
-    assert res["vhack"]["n_hack"] + res["vhack"]["n_other"] == res["models"]["trained"]["hack"]["n"]
+    for v in res["vhack"].values():  # the run's v_hack and one fitted afresh at the trained model
+        assert v["n_hack"] + v["n_other"] == res["models"]["trained"]["hack"]["n"]
+    assert res["vhack"]["fresh"]["band"] != res["vhack"]["run"]["band"]  # the model moved in training
     assert "v_hack on the trained model" in open(os.path.join(g, "eval.md")).read()
-    out = os.path.join(TMP, "label")
-    if not os.path.exists(out):
-        assert run(FAST + ["--router", "label", "--steps", "1", "--out", out]) == 0
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            ev.main(["--ckpt", out, "--n", "1", "--vhack-auc"])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "Loading" not in ln]
-    assert code == 2 and len(lines) == 1 and "--vhack-auc needs a run with a v_hack" in lines[0], (code, lines)
 
