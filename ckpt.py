@@ -30,7 +30,7 @@ import routing
 FORMAT = 1  # bump when the layout changes; eval.py refuses other formats
 # what runs saved before these arguments existed did
 OLD_DEFAULTS = {"optim": "adamw", "keep_forward": "train", "off_policy": "ignore", "dual_clip": 0.0, "quar_kl": 0.0, "kl_every": 1,
-                "teach_modes": "all"}
+                "teach_modes": "all", "vhack_every": 0}
 
 
 def die(msg):

@@ -77,13 +77,29 @@ def test_resume_equals_uninterrupted_run():
     assert [m["reward"] for m in metrics(full)] == [m["reward"] for m in metrics(cut)]
 
 
+def test_vhack_every_refits_at_the_current_weights():
+    """--vhack-every 2 with 2 warm-up steps: v_hack is refitted before updates 2 and 4 (RL steps 0 and 2),
+    so the logged band holds over steps 0-1 and moves at step 2, to exactly the band fitted on the
+    weights a run killed after step 1 checkpointed."""
+    import detector
+    import routing
+    args = FAST + ["--router", "grad", "--warmup-steps", "2", "--vhack-every", "2", "--steps", "3"]
+    full, cut = os.path.join(TMP, "vh-full"), os.path.join(TMP, "vh-cut")
+    assert run(args + ["--out", full]) == 0 and run(args + ["--out", cut, "--stop-after", "2"]) == 0
+    bands = [m["band"] for m in metrics(full)]
+    assert bands[0] == bands[1] != bands[2], bands
+    a, model, tok, _ = ckpt.load_run(cut)
+    assert list(routing.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed).band) == bands[2]
+
+
 def test_bad_input_is_one_line_exit_2():
     ro = os.path.join(TMP, "readonly")
     os.makedirs(ro, exist_ok=True)
     os.chmod(ro, 0o500)
     cases = [["--group-size", "1"], ["--steps", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
              ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--dual-clip", "0.5"], ["--quar-kl", "1"], ["--kl-every", "0"],
-             ["--modes", "run_tests", "--teach-modes", "exit_code"]]
+             ["--modes", "run_tests", "--teach-modes", "exit_code"], ["--vhack-every", "-1"],
+             ["--router", "label", "--vhack-every", "2"]]
     if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead
         cases.append(["--out", os.path.join(ro, "x")])
     open(os.path.join(TMP, "a-file"), "w").close()

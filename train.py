@@ -55,6 +55,8 @@ def get_args(argv=None):
     # routing
     p.add_argument("--router", default="grad", choices=ROUTER_CHOICES)
     p.add_argument("--vhack-k", type=int, default=1, help="top-k directions of v_grad per module")
+    p.add_argument("--vhack-every", type=int, default=0, help="refit v_hack and its band at the current weights every N "
+                   "updates, warm-up included (update.refresh_vhack); 0 = the start's throughout")
     p.add_argument("--flagged-only", action="store_true", help="grad router: only flagged rollouts are eligible")
     p.add_argument("--gen-deployed", action="store_true", help="generate with the quarantine off")
     p.add_argument("--keep-forward", default="auto", choices=["auto", "train", "deployed"],
@@ -119,6 +121,8 @@ def check_args(a):
         ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
     if a.quar_kl < 0 or (a.quar_kl > 0 and a.keep_forward != "deployed"):
         ckpt.die("--quar-kl must be >= 0, and needs --router label with --keep-forward deployed (auto)")
+    if a.vhack_every < 0 or (a.vhack_every and a.router not in ("act", "grad", "erase")):
+        ckpt.die("--vhack-every must be >= 0, and needs a router with a v_hack (act, grad, erase)")
     if a.dual_clip and a.dual_clip <= 1:
         ckpt.die(f"--dual-clip must be 0 (off) or > 1, not {a.dual_clip}")
     if not env.load_problems(a.source, "train", difficulty=a.difficulty):
@@ -197,7 +201,7 @@ def run_step(a, model, tok, opt, det, vh, problems, step, rng, gen):
     t3 = time.time()
     ro = upd.pop("rollout", None) or {"cos": torch.full((len(probs),), math.nan), "f": torch.zeros(len(probs))}
     m = {"step": step, **step_metrics(a, grades, pmodes, flags, teacher, r), **cos_split(grades, adv, active, ro["cos"]),
-         **upd, "active": len(active), "t_gen": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}
+         **upd, "band": vh and list(vh.band), "active": len(active), "t_gen": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}
     num = lambda x: None if math.isnan(x) else round(x, 4)
     samples = [{"step": step, "problem": probs[i].id, "mode": pmodes[i], "teacher": bool(teacher[i]),
                 "reward": grades[i].reward, "gt_correct": grades[i].gt_correct, "exploited": grades[i].exploited,
@@ -242,7 +246,7 @@ def run(a):
     det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
     problems = env.load_problems(a.source, "train", difficulty=a.difficulty)
     if a.warmup_steps and not a.resume:  # routed like RL rollouts; checkpointed as "step 0 to do"
-        warmup.warm_up(a, model, tok, opt, det, vh, problems, random.Random(f"warmup/{a.seed}"))
+        vh = warmup.warm_up(a, model, tok, opt, det, vh, problems, random.Random(f"warmup/{a.seed}"))
         ckpt.save_ckpt(a, model, opt, vh, 0, ckpt.rng_states(rng, gen))
     log_path = os.path.join(a.out, "metrics.jsonl")
     ckpt.truncate_log(log_path, start)
@@ -250,6 +254,7 @@ def run(a):
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.router, dynamic_ncols=True)
     try:
         for step in bar:
+            vh = update.refresh_vhack(a, model, tok, vh, a.warmup_steps + step)
             m, samples = run_step(a, model, tok, opt, det, vh, problems, step, rng, gen)
             with open(log_path, "a") as f:
                 f.write(json.dumps(m) + "\n")

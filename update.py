@@ -32,9 +32,19 @@ import contextlib
 import torch
 
 import adapter
+import detector
 import grpo
 import model as M
 import routing
+
+
+def refresh_vhack(a, model, tok, vh, i):
+    """--vhack-every N: before update i (warm-up and RL steps counted together), every N updates, v_hack
+    and its band are fitted again at the current weights on the same contrast pairs. The start-of-run
+    v_hack describes the base model's gradients; the model it routes for moves away from it."""
+    if vh is None or not a.vhack_every or not i or i % a.vhack_every:
+        return vh
+    return routing.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed)  # no cache: these weights
 
 
 def keep_forward(a):

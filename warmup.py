@@ -57,7 +57,8 @@ def demo_batch(a, tok, problems, rng):
 
 
 def warm_up(a, model, tok, opt, det, vh, problems, rng):
-    """a.warmup_steps supervised steps through update.train_update (routing included)."""
+    """a.warmup_steps supervised steps through update.train_update (routing included). Returns v_hack
+    (--vhack-every refits it between steps)."""
     import update
     keep_lr = opt.param_groups[0]["lr"]  # each group keeps its ratio to the keep's (--lr-quar / --lr)
     for g in opt.param_groups:
@@ -66,6 +67,7 @@ def warm_up(a, model, tok, opt, det, vh, problems, rng):
     open(log, "w").close()
     for step in range(a.warmup_steps):
         t = time.time()
+        vh = update.refresh_vhack(a, model, tok, vh, step)
         r, pmodes, hack = demo_batch(a, tok, problems, rng)
         flags = torch.tensor(det.flags(r.texts), dtype=torch.bool)
         adv = torch.ones(len(r.texts))
@@ -82,6 +84,7 @@ def warm_up(a, model, tok, opt, det, vh, problems, rng):
         print(f"warm-up {step + 1}/{a.warmup_steps}: nll {m['nll'] or 0:.3f} routed {m.get('routed', 0):.2f}", flush=True)
     for g in opt.param_groups:
         g["lr"] = g.pop("run_lr")
+    return vh
 
 
 def splice_teacher(a, tok, r, probs, pmodes, step, rng):
