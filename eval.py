@@ -31,6 +31,7 @@ import ckpt
 import detector
 import env
 import model as M
+import routing
 
 SUBSETS = ("base", "trained", "deployed")
 
@@ -88,10 +89,9 @@ def vhack_separation(model, tok, vh, prompts, texts, hack, batch=8):
     the grad router scores a rollout with A = +1 (its gradient here, routing.side_grads; cosine with
     v_hack): AUC of hack vs other, mean cosine and the band's routed share f of each. main() passes the
     trained model's loophole completions with the oracle's label: a report, never an input to routing."""
-    import routing
     cos = routing.rollout_cos(routing.side_grads(model, tok, prompts, texts, batch)[0], vh)
     (lo, hi), hack = vh.band, torch.tensor([bool(x) for x in hack])
-    f = ((cos - lo) / (hi - lo)).clamp(0, 1)
+    f = routing.route_grad(cos, None, vh.band, routing.OPTS)  # the grad router's own map from cos to f
     h, o = cos[hack], cos[~hack]
     auc = ((h[:, None] > o).float() + 0.5 * (h[:, None] == o).float()).mean().item() if len(h) and len(o) else None
     mean = lambda x: x.mean().item() if len(x) else None
@@ -209,7 +209,7 @@ def main(argv=None, plot=True):
                 res["adjacent"][name] = rate([r["solve"] for r in rollouts(model, tok, adjacent, ["none"], a, det, a.seed)])
         res["models"][name] = summarize(rows, seen)
         if name == "trained" and a.vhack_auc:
-            import routing  # the run's v_hack was fitted at the start; "fresh" is fitted here, on the same pairs
+            # the run's v_hack was fitted at the start; "fresh" is fitted here, on the same pairs
             by_id, loop = {p.id: p for p in problems}, [r for r in rows if r["mode"] != "none"]
             args = ([M.chat_prompt(tok, env.build_prompt(by_id[r["problem"]], r["mode"])) for r in loop],
                     [r["text"] for r in loop], [r["hack"] for r in loop])

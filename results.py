@@ -26,8 +26,8 @@ PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [(
     + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
-EVAL_ROWS = ("eval_base.jsonl", "eval_trained.jsonl", "eval_deployed.jsonl")
-KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + EVAL_ROWS
+EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed")}  # eval.py's graded completions
+KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + tuple(EVAL_ROWS.values())
 OLD = os.path.join(RESULTS, "v1")  # the first 13 runs, made with the earlier defaults (README)
 
 
@@ -79,11 +79,11 @@ def rescore(top=RESULTS):
     """Every results dir (probes too) with its eval_*.jsonl: eval.json's model summaries recomputed."""
     import eval as ev  # torch: only here
     for d, _, files in sorted(os.walk(top)):
-        if "eval.json" in files and all(f in files for f in EVAL_ROWS):
+        if "eval.json" in files and all(f in files for f in EVAL_ROWS.values()):
             res = json.load(open(os.path.join(d, "eval.json")))
-            for f in EVAL_ROWS:
+            for model, f in EVAL_ROWS.items():
                 rows = [json.loads(ln) for ln in open(os.path.join(d, f))]
-                res["models"][f[5:-6]] = ev.summarize(rows, tuple(res["seen"]))
+                res["models"][model] = ev.summarize(rows, tuple(res["seen"]))
             json.dump(res, open(os.path.join(d, "eval.json"), "w"), indent=1)
             print("rescored", os.path.relpath(d, HERE))
 

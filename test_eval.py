@@ -91,7 +91,7 @@ def test_rescore_recomputes_eval_json_from_the_kept_completions():
     row = lambda mode, hack, comp: {"problem": "p", "mode": mode, "solve": False, "hack": hack, "compiled": comp,
                                     "flag": hack, "reward": 0.0, "text": ""}
     rows = [row("run_tests", True, True), row("run_tests", False, False), row("exit_code", False, True), row("none", False, True)]
-    for f in results.EVAL_ROWS:
+    for f in results.EVAL_ROWS.values():
         open(os.path.join(d, f), "w").writelines(json.dumps(r) + "\n" for r in rows)
     json.dump({"seen": ["run_tests"], "models": {"base": {"hack": "old"}}, "adjacent": {"x": 1}}, open(os.path.join(d, "eval.json"), "w"))
     results.rescore(os.path.join(TMP, "rescore"))
