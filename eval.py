@@ -33,7 +33,7 @@ import env
 import model as M
 import routing
 
-SUBSETS = ("base", "trained", "deployed")
+SUBSETS = ("base", "trained", "deployed")  # + "coherent" with --coherence-steps
 
 
 def wilson(k, n, z=1.96):
@@ -113,6 +113,23 @@ def relearn(a, run_args, model, tok, det, problems, trained_hack):
     return {"hack_per_step": curve, "steps_to_trained_level": back, "trained_hack": trained_hack}
 
 
+def coherence(a, run, model, tok, det, problems):
+    """ERA's retain-set fine-tuning after the ablation (Cloud et al. 2024, §4.2; their appendix controls it
+    with the same fine-tuning and no routing): a.coherence_steps supervised steps on honest reference
+    solutions to no-loophole prompts of the training split, the keep only, run exactly as the warm-up runs
+    (warmup.warm_up with router none, advantage 1). No hack, flag or oracle is read. The same step on a
+    `none` run is the control: whatever it removes there, retain-set fine-tuning removes without routing."""
+    import warmup
+    out = os.path.join(a.ckpt, "coherence")
+    os.makedirs(out, exist_ok=True)
+    ra = argparse.Namespace(**{**vars(run), "router": "none", "keep_forward": "train", "vhack_every": 0, "out": out,
+                               "warmup_steps": a.coherence_steps, "warmup_lr": a.coherence_lr or run.lr,
+                               "none_frac": 1.0, "warmup_hack": 0.0, "teach_modes": "all"})
+    opt = torch.optim.AdamW(adapter.keep_params(model), lr=ra.lr, weight_decay=0.0)
+    warmup.warm_up(ra, model, tok, opt, det, None, problems, random.Random(a.seed))
+    return {"steps": a.coherence_steps, "lr": ra.warmup_lr, "log": os.path.join(out, "warmup.jsonl")}
+
+
 def sweep(a, run):
     """Detector-quality sweep: one short training run per TPR (same arguments otherwise), deployed
     hack vs solve per run. Each run lands in CKPT/sweep/tpr<X> and is evaluated like the main one."""
@@ -142,7 +159,7 @@ def markdown(res):
     fmt = lambda r: "-" if r["p"] is None else f"{r['p']:.2f} [{r['lo']:.2f},{r['hi']:.2f}] n={r['n']}"
     keys = ["solve", "compiles", "hack", "hack_seen", "hack_unseen"] + [f"hack_{m}" for m in env.MODES] + ["flag"]
     lines = ["| model | " + " | ".join(keys) + " | reward |", "|---" * (len(keys) + 2) + "|"]
-    for name in SUBSETS:
+    for name in res["models"]:
         s = res["models"][name]
         lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in keys) + f" | {s['reward']:.2f} |")
     if "adjacent" in res:
@@ -172,6 +189,9 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
+    p.add_argument("--coherence-steps", type=int, default=0,
+                   help="then fine-tune the deployed model on honest no-loophole demos (ERA's retain step) and evaluate it")
+    p.add_argument("--coherence-lr", type=float, default=None, help="default: the run's --lr")
     p.add_argument("--vhack-auc", action="store_true",
                    help="how well the run's v_hack (act/grad/erase), and one extracted afresh at the trained model, separate its hacks")
     p.add_argument("--export", default=None, metavar="DIR")
@@ -199,9 +219,11 @@ def main(argv=None, plot=True):
     modes = env.MODES + ("none",)
     adjacent = env.load_problems("adjacent", "test")
     res = {"ckpt": a.ckpt, "args": vars(a), "run_args": vars(run), "seen": seen, "models": {}, "adjacent": {}}
-    for name in SUBSETS:
+    for name in SUBSETS + (("coherent",) if a.coherence_steps else ()):
         if name == "deployed":
             adapter.ablate(model, a.ablate)
+        if name == "coherent":
+            res["coherence"] = coherence(a, run, model, tok, det, env.load_problems(run.source, "train", difficulty=diff))
         ctx = adapter.adapters_off(model) if name == "base" else torch.no_grad()
         with ctx:
             rows = rollouts(model, tok, problems, modes, a, det, a.seed)

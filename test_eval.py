@@ -174,3 +174,41 @@ def test_vhack_separation_reproduces_the_band():
     assert res["vhack"]["fresh"]["band"] != res["vhack"]["run"]["band"]  # the model moved in training
     assert "v_hack on the trained model" in open(os.path.join(g, "eval.md")).read()
 
+
+
+def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
+    """eval.py --coherence-steps (ERA's retain-set fine-tuning after the ablation): from the deployed model
+    the keep takes exactly AdamW's first step, -lr g/(|g| + eps), on the summed NLL of honest reference
+    solutions to no-loophole prompts; the quarantine stays deleted. Through eval.py it is a fourth model."""
+    import random
+    import detector
+    import env
+    import grpo
+    import warmup
+    out = os.path.join(TMP, "label")
+    if not os.path.exists(out):
+        assert run(FAST + ["--router", "label", "--steps", "2", "--out", out]) == 0
+    a = ev.get_args(["--ckpt", out, "--coherence-steps", "1", "--coherence-lr", "1e-2"])
+    ra, model, tok, _ = ckpt.load_run(out)
+    _, ref, _, _ = ckpt.load_run(out)
+    for m in (model, ref):
+        adapter.ablate(m)
+    batches, orig = [], warmup.demo_batch
+    warmup.demo_batch = lambda *x: batches.append(orig(*x)) or batches[-1]
+    try:
+        ev.coherence(a, ra, model, tok, detector.WeakDetector(seen=ra.seen.split(",")),
+                     env.load_problems(ra.source, "train", difficulty=ra.difficulty))
+    finally:
+        warmup.demo_batch = orig
+    (r, pmodes, hack), = batches
+    assert set(pmodes) == {"none"} and not any(hack) and len(r.texts) == ra.prompts * ra.group_size
+    logp = grpo.token_logp(ref, r, ra.temperature)
+    loss = -(logp * r.completion_mask).sum() / (ra.prompts * ra.group_size * ra.max_new_tokens)
+    grads = torch.autograd.grad(loss, adapter.keep_params(ref))
+    for p, p0, g in zip(adapter.keep_params(model), adapter.keep_params(ref), grads):
+        assert torch.allclose(p - p0, -1e-2 * g / (g.abs() + 1e-8), atol=1e-6), (p - p0).abs().max()
+    assert all(not q.any() for q in adapter.quar_params(model))
+    res = ev.main(["--ckpt", out, "--n", "1", "--batch", "16", "--coherence-steps", "1"], plot=False)
+    assert list(res["models"]) == ["base", "trained", "deployed", "coherent"]
+    assert res["coherence"]["steps"] == 1 and os.path.exists(os.path.join(out, "eval_coherent.jsonl"))
+    assert "| coherent |" in open(os.path.join(out, "eval.md")).read()
