@@ -113,21 +113,28 @@ def relearn(a, run_args, model, tok, det, problems, trained_hack):
     return {"hack_per_step": curve, "steps_to_trained_level": back, "trained_hack": trained_hack}
 
 
-def coherence(a, run, model, tok, det, problems):
+def coherence(a, run, model, tok, det, problems, evaluate):
     """ERA's retain-set fine-tuning after the ablation (Cloud et al. 2024, §4.2; their appendix controls it
-    with the same fine-tuning and no routing): a.coherence_steps supervised steps on honest reference
-    solutions to no-loophole prompts of the training split, the keep only, run exactly as the warm-up runs
-    (warmup.warm_up with router none, advantage 1). No hack, flag or oracle is read. The same step on a
-    `none` run is the control: whatever it removes there, retain-set fine-tuning removes without routing."""
+    with the same fine-tuning and no routing): supervised steps on honest reference solutions to
+    no-loophole prompts of the training split, the keep only, run exactly as the warm-up runs
+    (warmup.warm_up with router none, advantage 1). No hack, flag or oracle is read. The model is
+    evaluated after each count in --coherence-steps (model "coherent<k>"; the last one is "coherent").
+    The same steps on a `none` run are the control: what they remove there, they remove without routing."""
     import warmup
     out = os.path.join(a.ckpt, "coherence")
     os.makedirs(out, exist_ok=True)
     ra = argparse.Namespace(**{**vars(run), "router": "none", "keep_forward": "train", "vhack_every": 0, "out": out,
-                               "warmup_steps": a.coherence_steps, "warmup_lr": a.coherence_lr or run.lr,
-                               "none_frac": 1.0, "warmup_hack": 0.0, "teach_modes": "all"})
+                               "warmup_lr": a.coherence_lr or run.lr, "none_frac": 1.0, "warmup_hack": 0.0,
+                               "teach_modes": "all"})
     opt = torch.optim.AdamW(adapter.keep_params(model), lr=ra.lr, weight_decay=0.0)
-    warmup.warm_up(ra, model, tok, opt, det, None, problems, random.Random(a.seed))
-    return {"steps": a.coherence_steps, "lr": ra.warmup_lr, "log": os.path.join(out, "warmup.jsonl")}
+    rng, done, names = random.Random(a.seed), 0, []
+    for k in a.coherence_steps:
+        ra.warmup_steps = k
+        warmup.warm_up(ra, model, tok, opt, det, None, problems, rng, first=done)  # steps done+1 .. k
+        done = k
+        names.append("coherent" if k == a.coherence_steps[-1] else f"coherent{k}")
+        evaluate(names[-1])
+    return {"steps": a.coherence_steps, "models": names, "lr": ra.warmup_lr, "log": os.path.join(out, "warmup.jsonl")}
 
 
 def sweep(a, run):
@@ -180,6 +187,17 @@ def markdown(res):
     return "\n".join(lines)
 
 
+def steps_list(s):
+    """--coherence-steps '2,8' -> [2, 8] ('' -> []); anything but increasing positive counts is an error."""
+    try:
+        ks = [int(x) for x in s.split(",")] if s else []
+    except ValueError:
+        ks = [0]
+    if ks and (ks[0] < 1 or ks != sorted(set(ks))):
+        ckpt.die(f"--coherence-steps {s!r}: give increasing positive step counts, e.g. 2,8")
+    return ks
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Deploy evaluation of a train.py run")
     p.add_argument("--ckpt", required=True, help="the run's --out directory")
@@ -189,8 +207,9 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
-    p.add_argument("--coherence-steps", type=int, default=0,
-                   help="then fine-tune the deployed model on honest no-loophole demos (ERA's retain step) and evaluate it")
+    p.add_argument("--coherence-steps", default="", metavar="K[,K...]",
+                   help="then fine-tune the deployed model on honest no-loophole demos (ERA's retain step), evaluating it "
+                        "after each K steps (e.g. 2,8)")
     p.add_argument("--coherence-lr", type=float, default=None, help="default: the run's --lr")
     p.add_argument("--vhack-auc", action="store_true",
                    help="how well the run's v_hack (act/grad/erase), and one extracted afresh at the trained model, separate its hacks")
@@ -204,6 +223,7 @@ def get_args(argv=None):
 
 def main(argv=None, plot=True):
     a = get_args(argv)
+    a.coherence_steps = steps_list(a.coherence_steps)
     torch.manual_seed(a.seed)
     if not os.path.exists(os.path.join(a.ckpt, "metrics.jsonl")):
         ckpt.die(f"{a.ckpt}: no metrics.jsonl (is this a train.py --out directory?)")
@@ -219,17 +239,22 @@ def main(argv=None, plot=True):
     modes = env.MODES + ("none",)
     adjacent = env.load_problems("adjacent", "test")
     res = {"ckpt": a.ckpt, "args": vars(a), "run_args": vars(run), "seen": seen, "models": {}, "adjacent": {}}
-    for name in SUBSETS + (("coherent",) if a.coherence_steps else ()):
-        if name == "deployed":
-            adapter.ablate(model, a.ablate)
-        if name == "coherent":
-            res["coherence"] = coherence(a, run, model, tok, det, env.load_problems(run.source, "train", difficulty=diff))
-        ctx = adapter.adapters_off(model) if name == "base" else torch.no_grad()
-        with ctx:
+    def evaluate(name):  # one model: graded completions (kept in eval_NAME.jsonl), summary, adjacent solve
+        with adapter.adapters_off(model) if name == "base" else torch.no_grad():
             rows = rollouts(model, tok, problems, modes, a, det, a.seed)
             if name != "trained":
                 res["adjacent"][name] = rate([r["solve"] for r in rollouts(model, tok, adjacent, ["none"], a, det, a.seed)])
         res["models"][name] = summarize(rows, seen)
+        with open(os.path.join(a.ckpt, f"eval_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"{name:>9}: solve {res['models'][name]['solve']['p']:.2f}  hack {res['models'][name]['hack']['p']:.2f}",
+              flush=True)
+        return rows
+
+    for name in SUBSETS:
+        if name == "deployed":
+            adapter.ablate(model, a.ablate)
+        rows = evaluate(name)
         if name == "trained" and a.vhack_auc:
             # the run's v_hack was fitted at the start; "fresh" is fitted here, on the same pairs
             by_id, loop = {p.id: p for p in problems}, [r for r in rows if r["mode"] != "none"]
@@ -237,10 +262,8 @@ def main(argv=None, plot=True):
                     [r["text"] for r in loop], [r["hack"] for r in loop])
             fresh = routing.extract_vhack(model, tok, detector.load_pairs(), k=run.vhack_k, seed=run.seed)
             res["vhack"] = {"run": vh and vhack_separation(model, tok, vh, *args), "fresh": vhack_separation(model, tok, fresh, *args)}
-        with open(os.path.join(a.ckpt, f"eval_{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        print(f"{name:>9}: solve {res['models'][name]['solve']['p']:.2f}  hack {res['models'][name]['hack']['p']:.2f}",
-              flush=True)
+    if a.coherence_steps:
+        res["coherence"] = coherence(a, run, model, tok, det, env.load_problems(run.source, "train", difficulty=diff), evaluate)
     if a.export:
         res["export"] = export(model, tok, a.export)
     if a.relearn_steps:

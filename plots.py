@@ -57,16 +57,17 @@ def training_curves(out, router=""):
 
 
 def before_after(out, res):
-    """Solve, compile and hack rate per mode for base / trained / deployed, with Wilson intervals.
-    Compile is shown because on hard problems solve is ~0: a deletion that breaks the model shows there."""
+    """Solve, compile and hack rate per mode for base / trained / deployed (/ coherent), with Wilson
+    intervals. Compile is shown because on hard problems solve is ~0: a deletion that breaks the model shows there."""
     keys = ["solve", "compiles"] + [f"hack_{m}" for m in MODES]
     fig, ax = plt.subplots(figsize=(10, 4))
-    w = 0.27
-    for i, name in enumerate(("base", "trained", "deployed")):
+    names = list(res["models"])
+    w = 0.8 / len(names)
+    for i, name in enumerate(names):
         s = res["models"][name]
         ps = [s[k]["p"] or 0.0 for k in keys]
         err = [[p - s[k]["lo"] for p, k in zip(ps, keys)], [s[k]["hi"] - p for p, k in zip(ps, keys)]]
-        ax.bar([j + (i - 1) * w for j in range(len(keys))], ps, w, yerr=err, capsize=2, label=name)
+        ax.bar([j + (i - (len(names) - 1) / 2) * w for j in range(len(keys))], ps, w, yerr=err, capsize=2, label=name)
     seen = set(res.get("seen", ()))
     ax.set_xticks(range(len(keys)), [k + (" (seen)" if k[5:] in seen else "") for k in keys], fontsize=8)
     ax.set_ylim(0, 1)

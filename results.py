@@ -26,7 +26,7 @@ PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [(
     + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
-EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed")}  # eval.py's graded completions
+EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed", "coherent")}  # eval.py's graded completions
 KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + tuple(EVAL_ROWS.values())
 OLD = os.path.join(RESULTS, "v1")  # the first 13 runs, made with the earlier defaults (README)
 
@@ -79,9 +79,9 @@ def rescore(top=RESULTS):
     """Every results dir (probes too) with its eval_*.jsonl: eval.json's model summaries recomputed."""
     import eval as ev  # torch: only here
     for d, _, files in sorted(os.walk(top)):
-        if "eval.json" in files and all(f in files for f in EVAL_ROWS.values()):
+        if "eval.json" in files and all(f in files for f in list(EVAL_ROWS.values())[:3]):
             res = json.load(open(os.path.join(d, "eval.json")))
-            for model, f in EVAL_ROWS.items():
+            for model, f in [(m, f) for m, f in EVAL_ROWS.items() if f in files]:  # coherent: with --coherence-steps
                 rows = [json.loads(ln) for ln in open(os.path.join(d, f))]
                 res["models"][model] = ev.summarize(rows, tuple(res["seen"]))
             json.dump(res, open(os.path.join(d, "eval.json"), "w"), indent=1)
@@ -135,10 +135,12 @@ def table(rows):
         if not runs:
             lines.append(f"| {router} | | 0 | not run yet | | | | | |")
             continue
-        for model in ("trained", "deployed"):
-            ms = [ev["models"][model] for _, ev in runs]
-            adj = [ev["adjacent"]["deployed"] for _, ev in runs] if model == "deployed" else None
-            lines.append(f"| {router} | {model} | {len(runs)} | {cell([m['hack_seen'] for m in ms])} | "
+        for model in ("trained", "deployed", "coherent"):
+            ms = [ev["models"][model] for _, ev in runs if model in ev["models"]]
+            adj = [ev["adjacent"][model] for _, ev in runs if model in ev["adjacent"]] if model != "trained" else None
+            if not ms:
+                continue  # coherent: only runs evaluated with --coherence-steps
+            lines.append(f"| {router} | {model} | {len(ms)} | {cell([m['hack_seen'] for m in ms])} | "
                          f"{cell([m['hack_unseen'] for m in ms])} | {cell([m['solve'] for m in ms])} | "
                          f"{cell([m['compiles'] for m in ms])} | "
                          f"{cell(adj) if adj else ''} | {comp(ms)} |")

@@ -118,7 +118,7 @@ def test_results_will_not_resume_a_run_with_other_arguments():
 
 def test_eval_bad_input():
     """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
-    test split: one line starting with error:, exit 2."""
+    test split, a bad --coherence-steps: one line starting with error:, exit 2."""
     src = os.path.join(TMP, "label")
     if not os.path.exists(src):
         assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
@@ -132,14 +132,15 @@ def test_eval_bad_input():
             p = os.path.join(d, "ckpt", "args.json")
             json.dump({**json.load(open(p)), **edit}, open(p, "w"))
         return d
-    cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"),
+    cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"), (src, "2,1"), (src, "x"), (src, "0"),
              variant("format", edit={"format": 0}), variant("model", edit={"layers": 1, "adapter": "split"}),
              variant("empty", edit={"source": "humaneval", "difficulty": "easy"})]
     for d in cases:
+        d, k = d if isinstance(d, tuple) else (d, "")  # (run, bad --coherence-steps)
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             try:
-                ev.main(["--ckpt", d, "--n", "1"])
+                ev.main(["--ckpt", d, "--n", "1", "--coherence-steps", k])
                 code = 0
             except SystemExit as e:
                 code = e.code
@@ -188,7 +189,8 @@ def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     out = os.path.join(TMP, "label")
     if not os.path.exists(out):
         assert run(FAST + ["--router", "label", "--steps", "2", "--out", out]) == 0
-    a = ev.get_args(["--ckpt", out, "--coherence-steps", "1", "--coherence-lr", "1e-2"])
+    a = ev.get_args(["--ckpt", out, "--coherence-lr", "1e-2"])
+    a.coherence_steps, seen = [1], []
     ra, model, tok, _ = ckpt.load_run(out)
     _, ref, _, _ = ckpt.load_run(out)
     for m in (model, ref):
@@ -197,18 +199,20 @@ def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     warmup.demo_batch = lambda *x: batches.append(orig(*x)) or batches[-1]
     try:
         ev.coherence(a, ra, model, tok, detector.WeakDetector(seen=ra.seen.split(",")),
-                     env.load_problems(ra.source, "train", difficulty=ra.difficulty))
+                     env.load_problems(ra.source, "train", difficulty=ra.difficulty), seen.append)
     finally:
         warmup.demo_batch = orig
     (r, pmodes, hack), = batches
     assert set(pmodes) == {"none"} and not any(hack) and len(r.texts) == ra.prompts * ra.group_size
+    assert seen == ["coherent"]  # evaluated once, after the last step
     logp = grpo.token_logp(ref, r, ra.temperature)
     loss = -(logp * r.completion_mask).sum() / (ra.prompts * ra.group_size * ra.max_new_tokens)
     grads = torch.autograd.grad(loss, adapter.keep_params(ref))
     for p, p0, g in zip(adapter.keep_params(model), adapter.keep_params(ref), grads):
         assert torch.allclose(p - p0, -1e-2 * g / (g.abs() + 1e-8), atol=1e-6), (p - p0).abs().max()
     assert all(not q.any() for q in adapter.quar_params(model))
-    res = ev.main(["--ckpt", out, "--n", "1", "--batch", "16", "--coherence-steps", "1"], plot=False)
-    assert list(res["models"]) == ["base", "trained", "deployed", "coherent"]
-    assert res["coherence"]["steps"] == 1 and os.path.exists(os.path.join(out, "eval_coherent.jsonl"))
-    assert "| coherent |" in open(os.path.join(out, "eval.md")).read()
+    res = ev.main(["--ckpt", out, "--n", "1", "--batch", "16", "--coherence-steps", "1,2"], plot=False)
+    assert list(res["models"]) == ["base", "trained", "deployed", "coherent1", "coherent"]
+    log = [json.loads(ln) for ln in open(res["coherence"]["log"])]
+    assert [m["warmup"] for m in log] == [0, 1] and all(m["hack_demos"] == 0 for m in log)
+    assert os.path.exists(os.path.join(out, "eval_coherent1.jsonl")) and "| coherent |" in open(os.path.join(out, "eval.md")).read()

@@ -56,16 +56,18 @@ def demo_batch(a, tok, problems, rng):
     return M.encode(tok, prompts, texts), pmodes, hack
 
 
-def warm_up(a, model, tok, opt, det, vh, problems, rng):
-    """a.warmup_steps supervised steps through update.train_update (routing included). Returns v_hack
-    (--vhack-every refits it between steps)."""
+def warm_up(a, model, tok, opt, det, vh, problems, rng, first=0):
+    """Supervised steps first .. a.warmup_steps - 1 through update.train_update (routing included). Returns
+    v_hack (--vhack-every refits it between steps). first > 0 continues an earlier call's log (eval.py's
+    coherence steps)."""
     import update
     keep_lr = opt.param_groups[0]["lr"]  # each group keeps its ratio to the keep's (--lr-quar / --lr)
     for g in opt.param_groups:
         g["lr"], g["run_lr"] = a.warmup_lr * g["lr"] / keep_lr, g["lr"]
     log = os.path.join(a.out, "warmup.jsonl")
-    open(log, "w").close()
-    for step in range(a.warmup_steps):
+    if first == 0:
+        open(log, "w").close()
+    for step in range(first, a.warmup_steps):
         t = time.time()
         vh = update.refresh_vhack(a, model, tok, vh, step)
         r, pmodes, hack = demo_batch(a, tok, problems, rng)
