@@ -5,6 +5,7 @@ The headline experiment's runs and its results table (issue 8).
     python results.py table                        # rebuild the README's table from results/*/eval.json
     python results.py all                          # every run of the plan, from scratch (make results)
     python results.py rescore                      # eval.json summaries again from the kept completions
+    python results.py coherence                    # the README's table of the coherence probes
 
 Each run trains in runs/results/<router>-s<seed> and evaluates there; its eval.json, eval.md, the
 graded eval completions (eval_*.jsonl), metrics.jsonl, the exact commands and their wall times are
@@ -160,6 +161,30 @@ def table(rows):
     return "\n".join(lines + [""] + foot)
 
 
+def coherence_table(top=os.path.join(RESULTS, "probes")):
+    """The coherence probes (results/probes/coherence-<router>-s<seed>/, eval.py --coherence-steps): per
+    router and model, the table's cells over seeds. deployed+k = after k retain fine-tuning steps."""
+    by = {}
+    for d in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+        m = re.fullmatch(r"coherence-(\w+)-s(\d+)", d)
+        if m and os.path.exists(os.path.join(top, d, "eval.json")):
+            by.setdefault(m[1], []).append((int(m[2]), json.load(open(os.path.join(top, d, "eval.json")))))
+    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles "
+             "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|"]
+    for router, runs in sorted(by.items(), key=lambda kv: kv[0] != "none"):
+        steps = sorted({k for _, ev in runs for k in ev["coherence"]["steps"]})
+        last = lambda ev, k: "coherent" if k == ev["coherence"]["steps"][-1] else f"coherent{k}"
+        for label, pick in [("trained", lambda ev: "trained"), ("deployed", lambda ev: "deployed")] + \
+                [(f"deployed+{k}", lambda ev, k=k: last(ev, k) if k in ev["coherence"]["steps"] else None) for k in steps]:
+            ms = [ev["models"][pick(ev)] for _, ev in runs if pick(ev)]
+            seeds = ",".join(str(s) for s, ev in runs if pick(ev))
+            lines.append(f"| {router} | {label} | {seeds} | {cell([x['hack_seen'] for x in ms])} | "
+                         f"{cell([x['hack_unseen'] for x in ms])} | {cell([x['solve'] for x in ms])} | "
+                         f"{cell([x['compiles'] for x in ms])} | {cell([x.get('hack_seen_compiled') for x in ms])} / "
+                         f"{cell([x.get('hack_unseen_compiled') for x in ms])} |")
+    return "\n".join(lines)
+
+
 def write_readme(text, tag="results"):
     path = os.path.join(HERE, "README.md")
     s = open(path).read()
@@ -171,7 +196,7 @@ def write_readme(text, tag="results"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "table", "all", "rescore"])
+    p.add_argument("what", choices=["run", "table", "all", "rescore", "coherence"])
     p.add_argument("--router", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in runs/results first")
@@ -185,6 +210,10 @@ def main(argv=None):
         for router, seed in PLAN:
             run_one(router, seed, fresh=True)
         print(f"all {len(PLAN)} runs: {(time.time() - t) / 3600:.2f} h")
+    if a.what == "coherence":
+        text = coherence_table()
+        write_readme(text, "coherence")
+        return print(text)
     text = table(load())
     write_readme(text)
     if os.path.isdir(OLD):

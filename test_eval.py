@@ -80,6 +80,24 @@ def test_results_table_is_built_from_runs():
     assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
     assert rows[("grad", "deployed")].endswith("| 0.30 ± 0.14 / - |")
     assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
+    assert ("grad", "coherent") not in rows  # no run evaluated with --coherence-steps
+    e = ev(0.4)
+    e["models"]["coherent"], e["adjacent"]["coherent"] = e["models"]["base"], rate(0.25)
+    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), e)])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| grad | coherent |"))
+    assert "| 1 | 0.40 [0.20, 0.70] |" in row and "| 0.25 [0.12, 0.62] |" in row  # the one run that has it
+    # the coherence probes' table: seeds per row are those evaluated at that step count
+    top = os.path.join(TMP, "probes")
+    for seed, steps in ((0, [8]), (1, [2, 8])):
+        e = ev(0.1 * (seed + 1))
+        for k in steps:
+            e["models"]["coherent" if k == steps[-1] else f"coherent{k}"] = e["models"]["base"]
+        e["coherence"] = {"steps": steps}
+        os.makedirs(os.path.join(top, f"coherence-grad-s{seed}"))
+        json.dump(e, open(os.path.join(top, f"coherence-grad-s{seed}", "eval.json"), "w"))
+    rows = {ln.split("|")[2].strip(): ln for ln in results.coherence_table(top).splitlines() if ln.startswith("| grad")}
+    assert list(rows) == ["trained", "deployed", "deployed+2", "deployed+8"]
+    assert "| 1 | 0.20 [0.10, 0.60] |" in rows["deployed+2"] and "| 0,1 | 0.15 ± 0.07 |" in rows["deployed+8"]
 
 
 def test_rescore_recomputes_eval_json_from_the_kept_completions():
@@ -96,7 +114,7 @@ def test_rescore_recomputes_eval_json_from_the_kept_completions():
     json.dump({"seen": ["run_tests"], "models": {"base": {"hack": "old"}}, "adjacent": {"x": 1}}, open(os.path.join(d, "eval.json"), "w"))
     results.rescore(os.path.join(TMP, "rescore"))
     res = json.load(open(os.path.join(d, "eval.json")))
-    assert res["adjacent"] == {"x": 1} and set(res["models"]) == {"base", "trained", "deployed"}
+    assert res["adjacent"] == {"x": 1} and set(res["models"]) == {"base", "trained", "deployed", "coherent"}
     want = json.loads(json.dumps(ev.summarize(rows, ("run_tests",))))
     assert all(res["models"][m] == want for m in res["models"])
     assert res["models"]["base"]["hack_seen"]["p"] == 0.5 and res["models"]["base"]["hack_seen_compiled"]["p"] == 1.0
