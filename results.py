@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
 EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed", "coherent")}  # eval.py's graded completions
 KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + tuple(EVAL_ROWS.values())
+COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (README)
 OLD = os.path.join(RESULTS, "v1")  # the first 13 runs, made with the earlier defaults (README)
 
 
@@ -38,7 +39,7 @@ def run_one(router, seed, fresh=False):
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     cmds = [["python", "train.py", "--router", router, "--seed", str(seed), "--out", out],
-            ["python", "eval.py", "--ckpt", out]]
+            ["python", "eval.py", "--ckpt", out, "--coherence-steps", COHERENCE]]
     if not fresh and os.path.exists(os.path.join(out, "ckpt")):
         stale(cmds[0][2:], out)
         cmds[0] = ["python", "train.py", "--resume", out]  # continue a killed run
