@@ -1,12 +1,13 @@
 """
 Deploy evaluation: what routing buys after the quarantine is deleted (DESIGN.md §10).
 
-    python eval.py --ckpt runs/demo [--ablate zero|reinit] [--relearn-steps 5] [--export DIR]
+    python eval.py --ckpt runs/demo [--ablate zero|reinit] [--coherence-steps 8] [--relearn-steps 5] [--export DIR]
 
-On held-out test problems, every mode plus `none`, three models side by side:
+On held-out test problems, every mode plus `none`, three (four) models side by side:
   base      adapters off (the pretrained model)
   trained   keep + quarantine (what the RL run produced)
   deployed  quarantine ablated (`adapter.ablate`): the model one would ship
+  coherent  with --coherence-steps: deployed, then ERA's brief fine-tuning on honest retain data
 Per model: solve (oracle gt_correct), hack (exploited, over loophole prompts), hack_<mode>, hack on
 the detector's seen vs unseen modes (absorption), flagged rate, mean reward, each rate with a
 95% Wilson interval and its sample count. Over-suppression: solve on data/adjacent.jsonl
