@@ -24,7 +24,7 @@ sandbox:
 
 demo: install
 	$(PY) train.py --out $(OUT)
-	$(PY) eval.py --ckpt $(OUT)
+	$(PY) eval.py --ckpt $(OUT) --coherence-steps 8
 
 test: install
 	$(PY) test_all.py
