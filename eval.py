@@ -8,6 +8,7 @@ On held-out test problems, every mode plus `none`, three (four) models side by s
   trained   keep + quarantine (what the RL run produced)
   deployed  quarantine ablated (`adapter.ablate`): the model one would ship
   coherent  with --coherence-steps: deployed, then ERA's brief fine-tuning on honest retain data
+            (--export and --relearn-steps then start from it)
 Per model: solve (oracle gt_correct), hack (exploited, over loophole prompts), hack_<mode>, hack on
 the detector's seen vs unseen modes (absorption), flagged rate, mean reward, each rate with a
 95% Wilson interval and its sample count. Over-suppression: solve on data/adjacent.jsonl
