@@ -81,7 +81,7 @@ def rescore(top=RESULTS):
     """Every results dir (probes too) with its eval_*.jsonl: eval.json's model summaries recomputed."""
     import eval as ev  # torch: only here
     for d, _, files in sorted(os.walk(top)):
-        if "eval.json" in files and all(f in files for f in list(EVAL_ROWS.values())[:3]):
+        if "eval.json" in files and all(EVAL_ROWS[m] in files for m in ("base", "trained", "deployed")):
             res = json.load(open(os.path.join(d, "eval.json")))
             for model, f in [(m, f) for m, f in EVAL_ROWS.items() if f in files]:  # coherent: with --coherence-steps
                 rows = [json.loads(ln) for ln in open(os.path.join(d, f))]
@@ -124,6 +124,16 @@ def cell(xs):
     return f"{statistics.mean(ps):.2f} ± {statistics.stdev(ps):.2f}"
 
 
+def rates(ms):
+    """The cells every results table shares, over the runs' summaries ms: hack seen, unseen, solve, compiles."""
+    return " | ".join(cell([m[k] for m in ms]) for k in ("hack_seen", "hack_unseen", "solve", "compiles"))
+
+
+def comp(ms):
+    """The last column: hack among the completions that compile, seen / unseen (None before the metric existed)."""
+    return f"{cell([m.get('hack_seen_compiled') for m in ms])} / {cell([m.get('hack_unseen_compiled') for m in ms])}"
+
+
 def table(rows):
     order = [r for r, _ in dict.fromkeys((r, None) for r, _ in PLAN)]
     by = {}
@@ -131,7 +141,6 @@ def table(rows):
         by.setdefault(meta["router"], []).append((meta, ev))
     lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles | adjacent solve "
              "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|---|"]
-    comp = lambda ms: f"{cell([m.get('hack_seen_compiled') for m in ms])} / {cell([m.get('hack_unseen_compiled') for m in ms])}"
     for router in order + sorted(set(by) - set(order)):
         runs = by.get(router)
         if not runs:
@@ -142,14 +151,10 @@ def table(rows):
             adj = [ev["adjacent"][model] for _, ev in runs if model in ev["adjacent"]] if model != "trained" else None
             if not ms:
                 continue  # coherent: only runs evaluated with --coherence-steps
-            lines.append(f"| {router} | {model} | {len(ms)} | {cell([m['hack_seen'] for m in ms])} | "
-                         f"{cell([m['hack_unseen'] for m in ms])} | {cell([m['solve'] for m in ms])} | "
-                         f"{cell([m['compiles'] for m in ms])} | "
-                         f"{cell(adj) if adj else ''} | {comp(ms)} |")
+            lines.append(f"| {router} | {model} | {len(ms)} | {rates(ms)} | {cell(adj) if adj else ''} | {comp(ms)} |")
     if rows:
         base = rows[0][1]["models"]["base"]
-        lines.insert(2, f"| (start) | base | - | {cell([base['hack_seen']])} | {cell([base['hack_unseen']])} | "
-                        f"{cell([base['solve']])} | {cell([base['compiles']])} | {cell([rows[0][1]['adjacent']['base']])} | {comp([base])} |")
+        lines.insert(2, f"| (start) | base | - | {rates([base])} | {cell([rows[0][1]['adjacent']['base']])} | {comp([base])} |")
     metas = [m for m, _ in rows]
     if not metas:
         return "\n".join(lines + ["", "No run has finished yet."])
@@ -172,17 +177,15 @@ def coherence_table(top=os.path.join(RESULTS, "probes")):
             by.setdefault(m[1], []).append((int(m[2]), json.load(open(os.path.join(top, d, "eval.json")))))
     lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles "
              "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|"]
+    # each run's row label -> its model in eval.json; eval.py names the coherent models in coherence.models
+    named = lambda ev: {"trained": "trained", "deployed": "deployed",
+                        **{f"deployed+{k}": m for k, m in zip(ev["coherence"]["steps"], ev["coherence"]["models"])}}
     for router, runs in sorted(by.items(), key=lambda kv: kv[0] != "none"):
         steps = sorted({k for _, ev in runs for k in ev["coherence"]["steps"]})
-        last = lambda ev, k: "coherent" if k == ev["coherence"]["steps"][-1] else f"coherent{k}"
-        for label, pick in [("trained", lambda ev: "trained"), ("deployed", lambda ev: "deployed")] + \
-                [(f"deployed+{k}", lambda ev, k=k: last(ev, k) if k in ev["coherence"]["steps"] else None) for k in steps]:
-            ms = [ev["models"][pick(ev)] for _, ev in runs if pick(ev)]
-            seeds = ",".join(str(s) for s, ev in runs if pick(ev))
-            lines.append(f"| {router} | {label} | {seeds} | {cell([x['hack_seen'] for x in ms])} | "
-                         f"{cell([x['hack_unseen'] for x in ms])} | {cell([x['solve'] for x in ms])} | "
-                         f"{cell([x['compiles'] for x in ms])} | {cell([x.get('hack_seen_compiled') for x in ms])} / "
-                         f"{cell([x.get('hack_unseen_compiled') for x in ms])} |")
+        for label in ["trained", "deployed"] + [f"deployed+{k}" for k in steps]:
+            has = [(seed, ev["models"][named(ev)[label]]) for seed, ev in runs if label in named(ev)]
+            ms = [m for _, m in has]
+            lines.append(f"| {router} | {label} | {','.join(str(seed) for seed, _ in has)} | {rates(ms)} | {comp(ms)} |")
     return "\n".join(lines)
 
 

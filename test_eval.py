@@ -92,7 +92,7 @@ def test_results_table_is_built_from_runs():
         e = ev(0.1 * (seed + 1))
         for k in steps:
             e["models"]["coherent" if k == steps[-1] else f"coherent{k}"] = e["models"]["base"]
-        e["coherence"] = {"steps": steps}
+        e["coherence"] = {"steps": steps, "models": ["coherent" if k == steps[-1] else f"coherent{k}" for k in steps]}
         os.makedirs(os.path.join(top, f"coherence-grad-s{seed}"))
         json.dump(e, open(os.path.join(top, f"coherence-grad-s{seed}", "eval.json"), "w"))
     rows = {ln.split("|")[2].strip(): ln for ln in results.coherence_table(top).splitlines() if ln.startswith("| grad")}
