@@ -167,14 +167,13 @@ def table(rows):
     return "\n".join(lines + [""] + foot)
 
 
-def coherence_table(top=os.path.join(RESULTS, "probes")):
-    """The coherence probes (results/probes/coherence-<router>-s<seed>/, eval.py --coherence-steps): per
-    router and model, the table's cells over seeds. deployed+k = after k retain fine-tuning steps."""
+def coherence_table(top=RESULTS):
+    """The runs evaluated with eval.py --coherence-steps (results/<router>-s<seed>/): per router and model,
+    the table's cells over seeds. deployed+k = after k steps of the retain fine-tuning."""
     by = {}
-    for d in sorted(os.listdir(top)) if os.path.isdir(top) else []:
-        m = re.fullmatch(r"coherence-(\w+)-s(\d+)", d)
-        if m and os.path.exists(os.path.join(top, d, "eval.json")):
-            by.setdefault(m[1], []).append((int(m[2]), json.load(open(os.path.join(top, d, "eval.json")))))
+    for meta, ev in load(top):
+        if "coherence" in ev:
+            by.setdefault(meta["router"], []).append((meta["seed"], ev))
     lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles "
              "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|"]
     # each run's row label -> its model in eval.json; eval.py names the coherent models in coherence.models

@@ -86,18 +86,23 @@ def test_results_table_is_built_from_runs():
     text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), e)])
     row = next(ln for ln in text.splitlines() if ln.startswith("| grad | coherent |"))
     assert "| 1 | 0.40 [0.20, 0.70] |" in row and "| 0.25 [0.12, 0.62] |" in row  # the one run that has it
-    # the coherence probes' table: seeds per row are those evaluated at that step count
-    top = os.path.join(TMP, "probes")
+    # the coherence table: runs evaluated with --coherence-steps; seeds per row are those evaluated at that count
+    top = os.path.join(TMP, "coherence")
     for seed, steps in ((0, [8]), (1, [2, 8])):
         e = ev(0.1 * (seed + 1))
         for k in steps:
             e["models"]["coherent" if k == steps[-1] else f"coherent{k}"] = e["models"]["base"]
         e["coherence"] = {"steps": steps, "models": ["coherent" if k == steps[-1] else f"coherent{k}" for k in steps]}
-        os.makedirs(os.path.join(top, f"coherence-grad-s{seed}"))
-        json.dump(e, open(os.path.join(top, f"coherence-grad-s{seed}", "eval.json"), "w"))
+        os.makedirs(os.path.join(top, f"grad-s{seed}"))
+        json.dump(e, open(os.path.join(top, f"grad-s{seed}", "eval.json"), "w"))
+        json.dump(meta("grad", seed), open(os.path.join(top, f"grad-s{seed}", "run.json"), "w"))
+    os.makedirs(os.path.join(top, "none-s0"))  # a run without --coherence-steps: not in this table
+    json.dump(ev(0.5), open(os.path.join(top, "none-s0", "eval.json"), "w"))
+    json.dump(meta("none", 0), open(os.path.join(top, "none-s0", "run.json"), "w"))
     rows = {ln.split("|")[2].strip(): ln for ln in results.coherence_table(top).splitlines() if ln.startswith("| grad")}
     assert list(rows) == ["trained", "deployed", "deployed+2", "deployed+8"]
     assert "| 1 | 0.20 [0.10, 0.60] |" in rows["deployed+2"] and "| 0,1 | 0.15 ± 0.07 |" in rows["deployed+8"]
+    assert "| none" not in results.coherence_table(top)
 
 
 def test_rescore_recomputes_eval_json_from_the_kept_completions():
