@@ -203,7 +203,8 @@ def test_vhack_separation_reproduces_the_band():
 def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     """eval.py --coherence-steps (ERA's retain-set fine-tuning after the ablation): from the deployed model
     the keep takes exactly AdamW's first step, -lr g/(|g| + eps), on the summed NLL of honest reference
-    solutions to no-loophole prompts; the quarantine stays deleted. Through eval.py it is a fourth model."""
+    solutions to no-loophole prompts; the quarantine stays deleted. Through eval.py it is a fourth model, the
+    same whether or not the counts before the last are evaluated too."""
     import random
     import detector
     import env
@@ -239,3 +240,8 @@ def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     log = [json.loads(ln) for ln in open(res["coherence"]["log"])]
     assert [m["warmup"] for m in log] == [0, 1] and all(m["hack_demos"] == 0 for m in log)
     assert os.path.exists(os.path.join(out, "eval_coherent1.jsonl")) and "| coherent |" in open(os.path.join(out, "eval.md")).read()
+    # evaluating in between does not change the steps: --coherence-steps 2 samples the same completions as 1,2's last
+    last = open(os.path.join(out, "eval_coherent.jsonl")).read()
+    assert last != open(os.path.join(out, "eval_coherent1.jsonl")).read()  # the second step changed the samples
+    ev.main(["--ckpt", out, "--n", "1", "--batch", "16", "--coherence-steps", "2"], plot=False)
+    assert open(os.path.join(out, "eval_coherent.jsonl")).read() == last
