@@ -161,8 +161,8 @@ def table(rows):
     names = ", ".join(sorted(f"{m['router']}-s{m['seed']}" for m in metas))
     foot = [f"Runs: {names}. "
             f"Each row: `python results.py run --router R --seed S` = `{metas[0]['train']}` then "
-            f"`{metas[0]['eval']}` (`results/R-sS/run.json`). Machine: "
-            f"{metas[0]['machine']}. Seen modes: {', '.join(rows[0][1]['seen'])}.",
+            f"`{metas[0]['eval']}` (`results/R-sS/run.json`). Machines: "
+            f"{'; '.join(sorted({m['machine'] for m in metas}))}. Seen modes: {', '.join(rows[0][1]['seen'])}.",
             "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds."]
     return "\n".join(lines + [""] + foot)
 
