@@ -31,7 +31,7 @@ test: install
 
 # The headline experiment (issue 8): every run of results.py's plan from scratch, then the table.
 results: install
-	$(PY) results.py all
+	$(PY) results.py all --jobs 2
 
 results-table: install
 	$(PY) results.py table

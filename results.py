@@ -3,7 +3,7 @@ The headline experiment's runs and its results table (issue 8).
 
     python results.py run --router grad --seed 0   # train.py + eval.py with the defaults, kept in results/
     python results.py table                        # rebuild the README's table from results/*/eval.json
-    python results.py all                          # every run of the plan, from scratch (make results)
+    python results.py all --jobs 2                 # every run of the plan, from scratch, 2 at a time (make results)
     python results.py rescore                      # eval.json summaries again from the kept completions
     python results.py coherence                    # the README's table of the coherence probes
 
@@ -60,6 +60,19 @@ def run_one(router, seed, fresh=False):
             "code": head}
     json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
     print(f"{name}: train {walls[0]:.0f} s, eval {walls[1]:.0f} s -> {dst}")
+
+
+def run_all(plan, jobs, call=subprocess.call):
+    """Every run of plan from scratch, `jobs` at a time, each a `results.py run --fresh` process with
+    cores/jobs threads (on 2 cores two runs at 1 thread each finish sooner than one after the other)."""
+    from concurrent.futures import ThreadPoolExecutor
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    cmd = lambda rs: [sys.executable, os.path.abspath(__file__), "run", "--router", rs[0], "--seed", str(rs[1]), "--fresh"]
+    with ThreadPoolExecutor(jobs) as pool:
+        codes = list(pool.map(lambda rs: call(cmd(rs), cwd=HERE, env=env), plan))
+    failed = [f"{r}-s{s}" for (r, s), code in zip(plan, codes) if code]
+    if failed:
+        sys.exit(f"error: {', '.join(failed)} failed (their logs are above)")
 
 
 def stale(argv, out):
@@ -203,16 +216,18 @@ def main(argv=None):
     p.add_argument("--router", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in runs/results first")
+    p.add_argument("--jobs", type=int, default=1, help="all: runs at a time, each with cores/jobs threads")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        sys.exit(f"error: --jobs must be at least 1, got {a.jobs}")
     if a.what == "run":
         run_one(a.router, a.seed, a.fresh)
     elif a.what == "rescore":
         rescore()
     elif a.what == "all":
         t = time.time()
-        for router, seed in PLAN:
-            run_one(router, seed, fresh=True)
-        print(f"all {len(PLAN)} runs: {(time.time() - t) / 3600:.2f} h")
+        run_all(PLAN, a.jobs)
+        print(f"all {len(PLAN)} runs, {a.jobs} at a time: {(time.time() - t) / 3600:.2f} h")
     if a.what == "coherence":
         text = coherence_table()
         write_readme(text, "coherence")

@@ -105,6 +105,36 @@ def test_results_table_is_built_from_runs():
     assert "| none" not in results.coherence_table(top)
 
 
+def test_results_all_runs_every_run_once_jobs_at_a_time():
+    """results.py all --jobs N: each run of the plan once, as `results.py run --fresh`, never more than N at
+    once, each with cores/N threads; a failed run is named and the exit is non-zero; --jobs 0 is refused."""
+    import threading
+    import time
+    import results
+    plan, seen, live, peak, lock = [("none", 0), ("grad", 0), ("grad", 1), ("act", 0), ("label", 2)], [], [0], [0], threading.Lock()
+    def call(cmd, cwd, env):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            seen.append((cmd[cmd.index("--router") + 1], int(cmd[cmd.index("--seed") + 1]), "--fresh" in cmd, env["OMP_NUM_THREADS"]))
+        time.sleep(0.05)
+        with lock:
+            live[0] -= 1
+        return 1 if cmd[cmd.index("--router") + 1] == "act" else 0
+    try:
+        results.run_all(plan, 2, call)
+        raise AssertionError("a failed run must exit")
+    except SystemExit as e:
+        assert str(e) == "error: act-s0 failed (their logs are above)"
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert sorted(seen) == sorted((r, s, True, threads) for r, s in plan) and peak[0] == 2
+    try:
+        results.main(["all", "--jobs", "0"])
+        raise AssertionError("--jobs 0 must exit")
+    except SystemExit as e:
+        assert "at least 1" in str(e)
+
+
 def test_rescore_recomputes_eval_json_from_the_kept_completions():
     """results.py rescore: each model's summary is eval.summarize of its eval_<model>.jsonl rows (a
     metric added later reaches old runs); the run's other entries are untouched."""
