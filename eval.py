@@ -1,7 +1,7 @@
 """
 Deploy evaluation: what routing buys after the quarantine is deleted (DESIGN.md §10).
 
-    python eval.py --ckpt runs/demo [--ablate zero|reinit] [--coherence-steps 8] [--relearn-steps 5] [--export DIR]
+    python eval.py --ckpt runs/demo [--ablate zero|reinit] [--coherence-steps 8] [--relearn-steps 5 [--relearn-teacher]] [--export DIR]
 
 On held-out test problems, every mode plus `none`, three (four) models side by side:
   base      adapters off (the pretrained model)
@@ -102,9 +102,12 @@ def vhack_separation(model, tok, vh, prompts, texts, hack, batch=8):
 
 
 def relearn(a, run_args, model, tok, det, problems, trained_hack):
-    """Plain GRPO (router none) from the deployed model; on-policy hack rate after each step."""
+    """Plain GRPO (router none) from the deployed model; on-policy hack rate after each step. With
+    --relearn-teacher the run's teacher hacks are spliced into the groups as in training (SGTM's relearn
+    test with the demonstrations the run had: how fast does a removed hack come back?)."""
     import train
-    ra = argparse.Namespace(**{**vars(run_args), "router": "none", "teacher_until": 0, "keep_forward": "train"})
+    ra = argparse.Namespace(**{**vars(run_args), "router": "none", "keep_forward": "train",
+                               "teacher_until": run_args.teacher_until if a.relearn_teacher else 0})
     opt = torch.optim.AdamW(adapter.keep_params(model), lr=ra.lr, weight_decay=0.0)
     rng, gen = random.Random(a.seed), torch.Generator().manual_seed(a.seed)
     curve = []
@@ -209,6 +212,7 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
+    p.add_argument("--relearn-teacher", action="store_true", help="relearn with the run's spliced teacher hacks")
     p.add_argument("--coherence-steps", default="", metavar="K[,K...]",
                    help="then fine-tune the deployed model on honest no-loophole demos (ERA's retain step), evaluating it "
                         "after each K steps (e.g. 2,8)")

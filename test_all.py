@@ -6,7 +6,8 @@ This file holds the model-loading tests (model.py); each concept has its own tes
   test_env.py      the environment, sandbox and detector (env.py, detector.py, data/)
   test_routing.py  adapters and routers (adapter.py, routing.py)
   test_train.py    GRPO and the training loop (grpo.py, train.py, warmup.py, bench.py)
-  test_eval.py     the deploy evaluation and the results table (eval.py, results.py)
+  test_eval.py     the deploy evaluation (eval.py)
+  test_results.py  the headline runs' table and bookkeeping (results.py)
   test_update.py   one routed update and its optimizer (update.py, optim.py)
 
 All tests run on CPU, offline, in a few minutes on 2 cores. They assert equivalences and
@@ -23,7 +24,7 @@ import torch
 
 import model as M
 
-TEST_FILES = ("test_env", "test_routing", "test_train", "test_eval", "test_update")
+TEST_FILES = ("test_env", "test_routing", "test_train", "test_eval", "test_results", "test_update")
 _loaded = {}
 
 

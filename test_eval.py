@@ -1,7 +1,7 @@
 """
-Tests of the deploy evaluation and the results table (eval.py, results.py) on the tiny Qwen3: eval's
-schema, intervals, ablation and export; the detector sweep; v_hack's separation report against the
-band it was fitted with; bad input is one line and exit 2; the README table from run files.
+Tests of the deploy evaluation (eval.py) on the tiny Qwen3: eval's schema, intervals, ablation and
+export; the detector sweep; the relearn probe; v_hack's separation report against the band it was
+fitted with; ERA's retain fine-tuning (--coherence-steps); bad input is one line and exit 2.
 """
 import contextlib
 import io
@@ -63,110 +63,28 @@ def test_detector_sweep_runs_one_run_per_tpr():
     assert os.path.exists(os.path.join(out, "pareto.png"))
 
 
-def test_results_table_is_built_from_runs():
-    """results.py: one row per router x {trained, deployed}; one seed gives the rate with its interval,
-    several give mean ± std; routers of the plan without a run say so."""
-    import results
-    rate = lambda p: {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
-    def ev(h):
-        m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5),
-             "hack_seen_compiled": rate(h)}  # no hack_unseen_compiled: as in a run evaluated before it existed
-        return {"models": {"base": m, "trained": m, "deployed": m}, "adjacent": {"base": rate(0.0), "deployed": rate(0.0)},
-                "seen": ["run_tests"]}
-    meta = lambda r, s: {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
-    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), ev(0.4)), (meta("none", 0), ev(0.5))])
-    rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in text.splitlines() if ln.startswith("| ")}
-    assert "| 2 | 0.30 ± 0.14 | 0.15 ± 0.07 |" in rows[("grad", "deployed")]
-    assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
-    assert rows[("grad", "deployed")].endswith("| 0.30 ± 0.14 / - |")
-    assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
-    assert ("grad", "coherent") not in rows  # no run evaluated with --coherence-steps
-    e = ev(0.4)
-    e["models"]["coherent"], e["adjacent"]["coherent"] = e["models"]["base"], rate(0.25)
-    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), e)])
-    row = next(ln for ln in text.splitlines() if ln.startswith("| grad | coherent |"))
-    assert "| 1 | 0.40 [0.20, 0.70] |" in row and "| 0.25 [0.12, 0.62] |" in row  # the one run that has it
-    # the coherence table: runs evaluated with --coherence-steps; seeds per row are those evaluated at that count
-    top = os.path.join(TMP, "coherence")
-    for seed, steps in ((0, [8]), (1, [2, 8])):
-        e = ev(0.1 * (seed + 1))
-        for k in steps:
-            e["models"]["coherent" if k == steps[-1] else f"coherent{k}"] = e["models"]["base"]
-        e["coherence"] = {"steps": steps, "models": ["coherent" if k == steps[-1] else f"coherent{k}" for k in steps]}
-        os.makedirs(os.path.join(top, f"grad-s{seed}"))
-        json.dump(e, open(os.path.join(top, f"grad-s{seed}", "eval.json"), "w"))
-        json.dump(meta("grad", seed), open(os.path.join(top, f"grad-s{seed}", "run.json"), "w"))
-    os.makedirs(os.path.join(top, "none-s0"))  # a run without --coherence-steps: not in this table
-    json.dump(ev(0.5), open(os.path.join(top, "none-s0", "eval.json"), "w"))
-    json.dump(meta("none", 0), open(os.path.join(top, "none-s0", "run.json"), "w"))
-    rows = {ln.split("|")[2].strip(): ln for ln in results.coherence_table(top).splitlines() if ln.startswith("| grad")}
-    assert list(rows) == ["trained", "deployed", "deployed+2", "deployed+8"]
-    assert "| 1 | 0.20 [0.10, 0.60] |" in rows["deployed+2"] and "| 0,1 | 0.15 ± 0.07 |" in rows["deployed+8"]
-    assert "| none" not in results.coherence_table(top)
-
-
-def test_results_all_runs_every_run_once_jobs_at_a_time():
-    """results.py all --jobs N: each run of the plan once, as `results.py run --fresh`, never more than N at
-    once, each with cores/N threads; a failed run is named and the exit is non-zero; --jobs 0 is refused."""
-    import threading
-    import time
-    import results
-    plan, seen, live, peak, lock = [("none", 0), ("grad", 0), ("grad", 1), ("act", 0), ("label", 2)], [], [0], [0], threading.Lock()
-    def call(cmd, cwd, env):
-        with lock:
-            live[0] += 1
-            peak[0] = max(peak[0], live[0])
-            seen.append((cmd[cmd.index("--router") + 1], int(cmd[cmd.index("--seed") + 1]), "--fresh" in cmd, env["OMP_NUM_THREADS"]))
-        time.sleep(0.05)
-        with lock:
-            live[0] -= 1
-        return 1 if cmd[cmd.index("--router") + 1] == "act" else 0
+def test_relearn_is_plain_grpo_with_the_runs_teacher_hacks_only_when_asked():
+    """eval.relearn: --relearn-steps plain GRPO steps (router none, the shared forward); the run's spliced
+    teacher hacks only with --relearn-teacher; the step count back to the trained model's hack rate."""
+    import argparse
+    import train
+    run_args = argparse.Namespace(router="grad", teacher_until=10, keep_forward="train", lr=1e-2)
+    model, keep = torch.nn.Linear(2, 2), adapter.keep_params  # no SVDDelta here: the optimizer only needs a list
+    calls, orig = [], train.run_step
+    adapter.keep_params = lambda m: list(m.parameters())
+    def step(ra, *_):
+        calls.append((ra.router, ra.teacher_until, ra.keep_forward))
+        return {"hack": [0.0, 0.5, 0.75][len(calls) - 1]}, []
+    train.run_step = step
     try:
-        results.run_all(plan, 2, call)
-        raise AssertionError("a failed run must exit")
-    except SystemExit as e:
-        assert str(e) == "error: act-s0 failed (their logs are above)"
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert sorted(seen) == sorted((r, s, True, threads) for r, s in plan) and peak[0] == 2
-    try:
-        results.main(["all", "--jobs", "0"])
-        raise AssertionError("--jobs 0 must exit")
-    except SystemExit as e:
-        assert "at least 1" in str(e)
-
-
-def test_rescore_recomputes_eval_json_from_the_kept_completions():
-    """results.py rescore: each model's summary is eval.summarize of its eval_<model>.jsonl rows (a
-    metric added later reaches old runs); the run's other entries are untouched."""
-    import results
-    d = os.path.join(TMP, "rescore", "none-s0")
-    os.makedirs(d)
-    row = lambda mode, hack, comp: {"problem": "p", "mode": mode, "solve": False, "hack": hack, "compiled": comp,
-                                    "flag": hack, "reward": 0.0, "text": ""}
-    rows = [row("run_tests", True, True), row("run_tests", False, False), row("exit_code", False, True), row("none", False, True)]
-    for f in results.EVAL_ROWS.values():
-        open(os.path.join(d, f), "w").writelines(json.dumps(r) + "\n" for r in rows)
-    json.dump({"seen": ["run_tests"], "models": {"base": {"hack": "old"}}, "adjacent": {"x": 1}}, open(os.path.join(d, "eval.json"), "w"))
-    results.rescore(os.path.join(TMP, "rescore"))
-    res = json.load(open(os.path.join(d, "eval.json")))
-    assert res["adjacent"] == {"x": 1} and set(res["models"]) == {"base", "trained", "deployed", "coherent"}
-    want = json.loads(json.dumps(ev.summarize(rows, ("run_tests",))))
-    assert all(res["models"][m] == want for m in res["models"])
-    assert res["models"]["base"]["hack_seen"]["p"] == 0.5 and res["models"]["base"]["hack_seen_compiled"]["p"] == 1.0
-
-
-def test_results_will_not_resume_a_run_with_other_arguments():
-    """results.py run resumes a killed run only if its saved arguments are today's: a run started under
-    older defaults exits with one line naming the difference, instead of landing in the table."""
-    import results
-    out = os.path.join(TMP, "stale")
-    assert run(FAST + ["--router", "none", "--steps", "1", "--out", out]) == 0
-    results.stale(FAST + ["--router", "none", "--steps", "1", "--out", out], out)  # same arguments: no exit
-    try:
-        results.stale(FAST + ["--router", "none", "--steps", "2", "--out", out], out)
-        raise AssertionError("a run with other --steps was resumed")
-    except SystemExit as e:
-        assert str(e).startswith("error:") and "--steps 1 -> 2" in str(e), e
+        for teach in (False, True):
+            a = ev.get_args(["--ckpt", "x", "--relearn-steps", "3"] + ["--relearn-teacher"] * teach)
+            calls.clear()
+            out = ev.relearn(a, run_args, model, None, None, [], trained_hack=0.5)
+            assert calls == [("none", 10 if teach else 0, "train")] * 3
+            assert out == {"hack_per_step": [0.0, 0.5, 0.75], "steps_to_trained_level": 2, "trained_hack": 0.5}
+    finally:
+        train.run_step, adapter.keep_params = orig, keep
 
 
 def test_eval_bad_input():
