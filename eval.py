@@ -230,6 +230,8 @@ def get_args(argv=None):
 def main(argv=None, plot=True):
     a = get_args(argv)
     a.coherence_steps = steps_list(a.coherence_steps)
+    if a.relearn_teacher and a.relearn_steps < 1:
+        ckpt.die("--relearn-teacher is an option of the relearn probe: give --relearn-steps N too")
     torch.manual_seed(a.seed)
     if not os.path.exists(os.path.join(a.ckpt, "metrics.jsonl")):
         ckpt.die(f"{a.ckpt}: no metrics.jsonl (is this a train.py --out directory?)")

@@ -89,7 +89,8 @@ def test_relearn_is_plain_grpo_with_the_runs_teacher_hacks_only_when_asked():
 
 def test_eval_bad_input():
     """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
-    test split, a bad --coherence-steps: one line starting with error:, exit 2."""
+    test split, a bad --coherence-steps, --relearn-teacher without --relearn-steps: one line starting with
+    error:, exit 2."""
     src = os.path.join(TMP, "label")
     if not os.path.exists(src):
         assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
@@ -103,15 +104,17 @@ def test_eval_bad_input():
             p = os.path.join(d, "ckpt", "args.json")
             json.dump({**json.load(open(p)), **edit}, open(p, "w"))
         return d
-    cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"), (src, "2,1"), (src, "x"), (src, "0"),
+    bad = lambda *x: (src, list(x))  # the run with bad options
+    cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"), bad("--coherence-steps", "2,1"),
+             bad("--coherence-steps", "x"), bad("--coherence-steps", "0"), bad("--relearn-teacher"),
              variant("format", edit={"format": 0}), variant("model", edit={"layers": 1, "adapter": "split"}),
              variant("empty", edit={"source": "humaneval", "difficulty": "easy"})]
     for d in cases:
-        d, k = d if isinstance(d, tuple) else (d, "")  # (run, bad --coherence-steps)
+        d, extra = d if isinstance(d, tuple) else (d, [])
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             try:
-                ev.main(["--ckpt", d, "--n", "1", "--coherence-steps", k])
+                ev.main(["--ckpt", d, "--n", "1"] + extra)
                 code = 0
             except SystemExit as e:
                 code = e.code
