@@ -5,7 +5,7 @@ The headline experiment's runs and its results table (issue 8).
     python results.py table                        # rebuild the README's table from results/*/eval.json
     python results.py all --jobs 2                 # every run of the plan, from scratch, 2 at a time (make results)
     python results.py rescore                      # eval.json summaries again from the kept completions
-    python results.py coherence                    # the README's table of the coherence probes
+    python results.py coherence                    # the README's table of the retain fine-tuning curves
 
 Each run trains in runs/results/<router>-s<seed> and evaluates there; its eval.json, eval.md, the
 graded eval completions (eval_*.jsonl), metrics.jsonl, the exact commands and their wall times are
@@ -183,19 +183,19 @@ def table(rows):
 def coherence_table(top=RESULTS):
     """The runs evaluated with eval.py --coherence-steps (results/<router>-s<seed>/): per router and model,
     the table's cells over seeds. deployed+k = after k steps of the retain fine-tuning."""
-    by = {}
-    for meta, ev in load(top):
-        if "coherence" in ev:
-            by.setdefault(meta["router"], []).append((meta["seed"], ev))
-    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles "
-             "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|"]
     # each run's row label -> its model in eval.json; eval.py names the coherent models in coherence.models
     named = lambda ev: {"trained": "trained", "deployed": "deployed",
                         **{f"deployed+{k}": m for k, m in zip(ev["coherence"]["steps"], ev["coherence"]["models"])}}
+    by = {}
+    for meta, ev in load(top):
+        if "coherence" in ev:
+            by.setdefault(meta["router"], []).append((meta["seed"], ev, named(ev)))
+    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles "
+             "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|"]
     for router, runs in sorted(by.items(), key=lambda kv: kv[0] != "none"):
-        steps = sorted({k for _, ev in runs for k in ev["coherence"]["steps"]})
+        steps = sorted({k for _, ev, _ in runs for k in ev["coherence"]["steps"]})
         for label in ["trained", "deployed"] + [f"deployed+{k}" for k in steps]:
-            has = [(seed, ev["models"][named(ev)[label]]) for seed, ev in runs if label in named(ev)]
+            has = [(seed, ev["models"][names[label]]) for seed, ev, names in runs if label in names]
             ms = [m for _, m in has]
             lines.append(f"| {router} | {label} | {','.join(str(seed) for seed, _ in has)} | {rates(ms)} | {comp(ms)} |")
     return "\n".join(lines)

@@ -18,28 +18,29 @@ def test_results_table_is_built_from_runs():
     """results.py: one row per router x {trained, deployed}; one seed gives the rate with its interval,
     several give mean ± std; routers of the plan without a run say so."""
     rate = lambda p: {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
-    def ev(h):
+    def eval_json(h):
         m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5),
              "hack_seen_compiled": rate(h)}  # no hack_unseen_compiled: as in a run evaluated before it existed
         return {"models": {"base": m, "trained": m, "deployed": m}, "adjacent": {"base": rate(0.0), "deployed": rate(0.0)},
                 "seen": ["run_tests"]}
     meta = lambda r, s: {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
-    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), ev(0.4)), (meta("none", 0), ev(0.5))])
+    text = results.table([(meta("grad", 0), eval_json(0.2)), (meta("grad", 1), eval_json(0.4)),
+                          (meta("none", 0), eval_json(0.5))])
     rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in text.splitlines() if ln.startswith("| ")}
     assert "| 2 | 0.30 ± 0.14 | 0.15 ± 0.07 |" in rows[("grad", "deployed")]
     assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
     assert rows[("grad", "deployed")].endswith("| 0.30 ± 0.14 / - |")
     assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
     assert ("grad", "coherent") not in rows  # no run evaluated with --coherence-steps
-    e = ev(0.4)
+    e = eval_json(0.4)
     e["models"]["coherent"], e["adjacent"]["coherent"] = e["models"]["base"], rate(0.25)
-    text = results.table([(meta("grad", 0), ev(0.2)), (meta("grad", 1), e)])
+    text = results.table([(meta("grad", 0), eval_json(0.2)), (meta("grad", 1), e)])
     row = next(ln for ln in text.splitlines() if ln.startswith("| grad | coherent |"))
     assert "| 1 | 0.40 [0.20, 0.70] |" in row and "| 0.25 [0.12, 0.62] |" in row  # the one run that has it
     # the coherence table: runs evaluated with --coherence-steps; seeds per row are those evaluated at that count
     top = os.path.join(TMP, "coherence")
     for seed, steps in ((0, [8]), (1, [2, 8])):
-        e = ev(0.1 * (seed + 1))
+        e = eval_json(0.1 * (seed + 1))
         for k in steps:
             e["models"]["coherent" if k == steps[-1] else f"coherent{k}"] = e["models"]["base"]
         e["coherence"] = {"steps": steps, "models": ["coherent" if k == steps[-1] else f"coherent{k}" for k in steps]}
@@ -47,7 +48,7 @@ def test_results_table_is_built_from_runs():
         json.dump(e, open(os.path.join(top, f"grad-s{seed}", "eval.json"), "w"))
         json.dump(meta("grad", seed), open(os.path.join(top, f"grad-s{seed}", "run.json"), "w"))
     os.makedirs(os.path.join(top, "none-s0"))  # a run without --coherence-steps: not in this table
-    json.dump(ev(0.5), open(os.path.join(top, "none-s0", "eval.json"), "w"))
+    json.dump(eval_json(0.5), open(os.path.join(top, "none-s0", "eval.json"), "w"))
     json.dump(meta("none", 0), open(os.path.join(top, "none-s0", "run.json"), "w"))
     rows = {ln.split("|")[2].strip(): ln for ln in results.coherence_table(top).splitlines() if ln.startswith("| grad")}
     assert list(rows) == ["trained", "deployed", "deployed+2", "deployed+8"]
