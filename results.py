@@ -30,7 +30,7 @@ RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "resul
 EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed", "coherent")}  # eval.py's graded completions
 KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + tuple(EVAL_ROWS.values())
 COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (README)
-OLD = os.path.join(RESULTS, "v1")  # the first 13 runs, made with the earlier defaults (README)
+OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (README)
 
 
 def run_one(router, seed, fresh=False):
@@ -228,14 +228,17 @@ def main(argv=None):
         t = time.time()
         run_all(PLAN, a.jobs)
         print(f"all {len(PLAN)} runs, {a.jobs} at a time: {(time.time() - t) / 3600:.2f} h")
+    olds = [v for v in OLD if os.path.isdir(os.path.join(RESULTS, v))]
     if a.what == "coherence":
         text = coherence_table()
         write_readme(text, "coherence")
+        if "v2" in olds:  # v1 predates --coherence-steps
+            write_readme(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2")
         return print(text)
     text = table(load())
     write_readme(text)
-    if os.path.isdir(OLD):
-        write_readme(table(load(OLD)), "results-v1")
+    for v in olds:
+        write_readme(table(load(os.path.join(RESULTS, v))), f"results-{v}")
     print(text)
 
 
