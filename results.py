@@ -172,9 +172,10 @@ def table(rows):
     if not metas:
         return "\n".join(lines + ["", "No run has finished yet."])
     names = ", ".join(sorted(f"{m['router']}-s{m['seed']}" for m in metas))
+    ex = next((m for m in metas if "note" not in m), metas[0])  # a run made by `results.py run`, if any
     foot = [f"Runs: {names}. "
-            f"Each row: `python results.py run --router R --seed S` = `{metas[0]['train']}` then "
-            f"`{metas[0]['eval']}` (`results/R-sS/run.json`). Machines: "
+            f"Each row: `python results.py run --router R --seed S` = `{ex['train']}` then "
+            f"`{ex['eval']}` (`results/R-sS/run.json`). Machines: "
             f"{'; '.join(sorted({m['machine'] for m in metas}))}. Seen modes: {', '.join(rows[0][1]['seen'])}.",
             "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds."]
     return "\n".join(lines + [""] + foot)

@@ -32,6 +32,8 @@ def test_results_table_is_built_from_runs():
     assert rows[("grad", "deployed")].endswith("| 0.30 ± 0.14 / - |")
     assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
     assert ("grad", "coherent") not in rows  # no run evaluated with --coherence-steps
+    probe = {**meta("none", 1), "train": "t --out runs/probe", "note": "trained as a probe, moved here"}
+    assert "= `t` then `e`" in results.table([(probe, eval_json(0.5)), (meta("none", 0), eval_json(0.5))])  # a run of results.py
     e = eval_json(0.4)
     e["models"]["coherent"], e["adjacent"]["coherent"] = e["models"]["base"], rate(0.25)
     text = results.table([(meta("grad", 0), eval_json(0.2)), (meta("grad", 1), e)])
