@@ -30,7 +30,8 @@ RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "resul
 EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed", "coherent")}  # eval.py's graded completions
 KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + tuple(EVAL_ROWS.values())
 COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (README)
-OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (README)
+OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (their tables: HISTORY)
+HISTORY = "HISTORY.md"
 
 
 def run_one(router, seed, fresh=False):
@@ -202,12 +203,12 @@ def coherence_table(top=RESULTS):
     return "\n".join(lines)
 
 
-def write_readme(text, tag="results"):
-    path = os.path.join(HERE, "README.md")
+def write_readme(text, tag="results", doc="README.md"):
+    path = os.path.join(HERE, doc)
     s = open(path).read()
     new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m[1] + text + "\n" + m[2], s, flags=re.S)
     if new == s and f"<!-- {tag}:start -->" not in s:
-        sys.exit(f"error: README.md has no <!-- {tag}:start --> ... <!-- {tag}:end --> markers")
+        sys.exit(f"error: {doc} has no <!-- {tag}:start --> ... <!-- {tag}:end --> markers")
     open(path, "w").write(new)
 
 
@@ -234,12 +235,12 @@ def main(argv=None):
         text = coherence_table()
         write_readme(text, "coherence")
         if "v2" in olds:  # v1 predates --coherence-steps
-            write_readme(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2")
+            write_readme(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2", HISTORY)
         return print(text)
     text = table(load())
     write_readme(text)
     for v in olds:
-        write_readme(table(load(os.path.join(RESULTS, v))), f"results-{v}")
+        write_readme(table(load(os.path.join(RESULTS, v))), f"results-{v}", HISTORY)
     print(text)
 
 
