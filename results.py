@@ -203,7 +203,7 @@ def coherence_table(top=RESULTS):
     return "\n".join(lines)
 
 
-def write_readme(text, tag="results", doc="README.md"):
+def write_table(text, tag="results", doc="README.md"):
     path = os.path.join(HERE, doc)
     s = open(path).read()
     new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m[1] + text + "\n" + m[2], s, flags=re.S)
@@ -233,14 +233,14 @@ def main(argv=None):
     olds = [v for v in OLD if os.path.isdir(os.path.join(RESULTS, v))]
     if a.what == "coherence":
         text = coherence_table()
-        write_readme(text, "coherence")
+        write_table(text, "coherence")
         if "v2" in olds:  # v1 predates --coherence-steps
-            write_readme(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2", HISTORY)
+            write_table(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2", HISTORY)
         return print(text)
     text = table(load())
-    write_readme(text)
+    write_table(text)
     for v in olds:
-        write_readme(table(load(os.path.join(RESULTS, v))), f"results-{v}", HISTORY)
+        write_table(table(load(os.path.join(RESULTS, v))), f"results-{v}", HISTORY)
     print(text)
 
 
