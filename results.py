@@ -37,13 +37,14 @@ HISTORY = "HISTORY.md"
 def run_one(router, seed, fresh=False):
     name = f"{router}-s{seed}"
     out, dst = os.path.join(RUNS, name), os.path.join(RESULTS, name)
+    rel = os.path.relpath(out, HERE)  # the commands run in HERE and name it relative: eval.json keeps no machine path
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    cmds = [["python", "train.py", "--router", router, "--seed", str(seed), "--out", out],
-            ["python", "eval.py", "--ckpt", out, "--coherence-steps", COHERENCE]]
+    cmds = [["python", "train.py", "--router", router, "--seed", str(seed), "--out", rel],
+            ["python", "eval.py", "--ckpt", rel, "--coherence-steps", COHERENCE]]
     if not fresh and os.path.exists(os.path.join(out, "ckpt")):
         stale(cmds[0][2:], out)
-        cmds[0] = ["python", "train.py", "--resume", out]  # continue a killed run
+        cmds[0] = ["python", "train.py", "--resume", rel]  # continue a killed run
     walls, head = [], commit()  # the code the run starts from
     for cmd in cmds:
         t = time.time()
@@ -55,8 +56,7 @@ def run_one(router, seed, fresh=False):
     for f in KEEP:
         if os.path.exists(os.path.join(out, f)):
             shutil.copy(os.path.join(out, f), dst)
-    rel = lambda c: " ".join(x if not x.startswith(HERE) else os.path.relpath(x, HERE) for x in c)
-    meta = {"router": router, "seed": seed, "train": rel(cmds[0]), "eval": rel(cmds[1]),
+    meta = {"router": router, "seed": seed, "train": " ".join(cmds[0]), "eval": " ".join(cmds[1]),
             "train_s": walls[0], "eval_s": walls[1], "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "code": head}
     json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
