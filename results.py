@@ -32,6 +32,7 @@ KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "
 COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (README)
 OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (their tables: HISTORY)
 HISTORY = "HISTORY.md"
+KSWEEP = "ksweep"  # results/ksweep: the runs' checkpoints evaluated with --coherence-steps 1,2,4,8 (README)
 
 
 def run_one(router, seed, fresh=False):
@@ -97,7 +98,7 @@ def rescore(top=RESULTS):
     for d, _, files in sorted(os.walk(top)):
         if "eval.json" in files and all(EVAL_ROWS[m] in files for m in ("base", "trained", "deployed")):
             res = json.load(open(os.path.join(d, "eval.json")))
-            for model, f in [(m, f) for m, f in EVAL_ROWS.items() if f in files]:  # coherent: with --coherence-steps
+            for model, f in [(f[5:-6], f) for f in files if f.startswith("eval_") and f.endswith(".jsonl")]:
                 rows = [json.loads(ln) for ln in open(os.path.join(d, f))]
                 res["models"][model] = ev.summarize(rows, tuple(res["seen"]))
             json.dump(res, open(os.path.join(d, "eval.json"), "w"), indent=1)
@@ -234,6 +235,8 @@ def main(argv=None):
     if a.what == "coherence":
         text = coherence_table()
         write_table(text, "coherence")
+        if os.path.isdir(os.path.join(RESULTS, KSWEEP)):
+            write_table(coherence_table(os.path.join(RESULTS, KSWEEP)), "coherence-ksweep")
         if "v2" in olds:  # v1 predates --coherence-steps
             write_table(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2", HISTORY)
         return print(text)

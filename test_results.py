@@ -114,19 +114,19 @@ def test_results_run_names_the_run_relative_to_the_repo():
 
 
 def test_rescore_recomputes_eval_json_from_the_kept_completions():
-    """results.py rescore: each model's summary is eval.summarize of its eval_<model>.jsonl rows (a
-    metric added later reaches old runs); the run's other entries are untouched."""
+    """results.py rescore: each model's summary, coherent<k> too, is eval.summarize of its eval_<model>.jsonl
+    rows (a metric added later reaches old runs); the run's other entries are untouched."""
     d = os.path.join(TMP, "rescore", "none-s0")
     os.makedirs(d)
     row = lambda mode, hack, comp: {"problem": "p", "mode": mode, "solve": False, "hack": hack, "compiled": comp,
                                     "flag": hack, "reward": 0.0, "text": ""}
     rows = [row("run_tests", True, True), row("run_tests", False, False), row("exit_code", False, True), row("none", False, True)]
-    for f in results.EVAL_ROWS.values():
+    for f in list(results.EVAL_ROWS.values()) + ["eval_coherent2.jsonl"]:  # coherent2: --coherence-steps 2,8
         open(os.path.join(d, f), "w").writelines(json.dumps(r) + "\n" for r in rows)
     json.dump({"seen": ["run_tests"], "models": {"base": {"hack": "old"}}, "adjacent": {"x": 1}}, open(os.path.join(d, "eval.json"), "w"))
     results.rescore(os.path.join(TMP, "rescore"))
     res = json.load(open(os.path.join(d, "eval.json")))
-    assert res["adjacent"] == {"x": 1} and set(res["models"]) == {"base", "trained", "deployed", "coherent"}
+    assert res["adjacent"] == {"x": 1} and set(res["models"]) == {"base", "trained", "deployed", "coherent2", "coherent"}
     want = json.loads(json.dumps(ev.summarize(rows, ("run_tests",))))
     assert all(res["models"][m] == want for m in res["models"])
     assert res["models"]["base"]["hack_seen"]["p"] == 0.5 and res["models"]["base"]["hack_seen_compiled"]["p"] == 1.0
