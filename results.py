@@ -6,6 +6,7 @@ The headline experiment's runs and its results table (issue 8).
     python results.py all --jobs 2                 # every run of the plan, from scratch, 2 at a time (make results)
     python results.py rescore                      # eval.json summaries again from the kept completions
     python results.py coherence                    # the README's table of the retain fine-tuning curves
+    python results.py ksweep --router grad --seed 0  # that run evaluated after 1, 2, 4, 8 retain steps -> results/ksweep
 
 Each run trains in runs/results/<router>-s<seed> and evaluates there; its eval.json, eval.md, the
 graded eval completions (eval_*.jsonl), metrics.jsonl, the exact commands and their wall times are
@@ -28,21 +29,23 @@ PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [(
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
 EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed", "coherent")}  # eval.py's graded completions
-KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png") + tuple(EVAL_ROWS.values())
+KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png")  # + eval_<model>.jsonl
 COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (README)
 OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (their tables: HISTORY)
 HISTORY = "HISTORY.md"
-KSWEEP = "ksweep"  # results/ksweep: the runs' checkpoints evaluated with --coherence-steps 1,2,4,8 (README)
+KSWEEP, KSTEPS = "ksweep", "1,2,4,8"  # results/ksweep: the same runs evaluated after each of KSTEPS retain steps (README)
 
 
-def run_one(router, seed, fresh=False):
+def run_one(router, seed, fresh=False, coherence=COHERENCE, top=None):
+    """train.py (or --resume: a finished run just reloads) then eval.py --coherence-steps coherence; the run's
+    files go to top/<router>-s<seed>. The ksweep evaluates the main table's checkpoint when it is still there."""
     name = f"{router}-s{seed}"
-    out, dst = os.path.join(RUNS, name), os.path.join(RESULTS, name)
+    out, dst = os.path.join(RUNS, name), os.path.join(top or RESULTS, name)
     rel = os.path.relpath(out, HERE)  # the commands run in HERE and name it relative: eval.json keeps no machine path
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     cmds = [["python", "train.py", "--router", router, "--seed", str(seed), "--out", rel],
-            ["python", "eval.py", "--ckpt", rel, "--coherence-steps", COHERENCE]]
+            ["python", "eval.py", "--ckpt", rel, "--coherence-steps", coherence]]
     if not fresh and os.path.exists(os.path.join(out, "ckpt")):
         stale(cmds[0][2:], out)
         cmds[0] = ["python", "train.py", "--resume", rel]  # continue a killed run
@@ -54,7 +57,8 @@ def run_one(router, seed, fresh=False):
         if code:
             sys.exit(f"error: {' '.join(cmd)} exited {code}")
     os.makedirs(dst, exist_ok=True)
-    for f in KEEP:
+    graded = tuple(f"eval_{m}.jsonl" for m in json.load(open(os.path.join(out, "eval.json")))["models"])  # this eval's
+    for f in KEEP + graded:
         if os.path.exists(os.path.join(out, f)):
             shutil.copy(os.path.join(out, f), dst)
     meta = {"router": router, "seed": seed, "train": " ".join(cmds[0]), "eval": " ".join(cmds[1]),
@@ -215,7 +219,7 @@ def write_table(text, tag="results", doc="README.md"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "table", "all", "rescore", "coherence"])
+    p.add_argument("what", choices=["run", "table", "all", "rescore", "coherence", "ksweep"])
     p.add_argument("--router", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in runs/results first")
@@ -225,6 +229,8 @@ def main(argv=None):
         sys.exit(f"error: --jobs must be at least 1, got {a.jobs}")
     if a.what == "run":
         run_one(a.router, a.seed, a.fresh)
+    elif a.what == "ksweep":
+        run_one(a.router, a.seed, a.fresh, KSTEPS, os.path.join(RESULTS, KSWEEP))
     elif a.what == "rescore":
         rescore()
     elif a.what == "all":
@@ -232,7 +238,7 @@ def main(argv=None):
         run_all(PLAN, a.jobs)
         print(f"all {len(PLAN)} runs, {a.jobs} at a time: {(time.time() - t) / 3600:.2f} h")
     olds = [v for v in OLD if os.path.isdir(os.path.join(RESULTS, v))]
-    if a.what == "coherence":
+    if a.what in ("coherence", "ksweep"):
         text = coherence_table()
         write_table(text, "coherence")
         if os.path.isdir(os.path.join(RESULTS, KSWEEP)):

@@ -91,26 +91,33 @@ def test_results_all_runs_every_run_once_jobs_at_a_time():
 def test_results_run_names_the_run_relative_to_the_repo():
     """results.py run: train.py and eval.py get the run directory relative to the repo (their cwd), so the
     eval.json they write, which records --ckpt, holds no machine's path; run.json keeps those commands and
-    the run's files are copied to results/<router>-s<seed>/."""
+    the run's files, with the graded completions of the models this eval.json names (no stale ones), are
+    copied to results/<router>-s<seed>/. ksweep: the same with --coherence-steps 1,2,4,8 into results/ksweep."""
     calls, saved = [], (results.RUNS, results.RESULTS, results.subprocess.call)
     def call(cmd, cwd):
         calls.append(cmd)
         d = os.path.join(cwd, cmd[cmd.index("--out" if "--out" in cmd else "--ckpt") + 1])
         os.makedirs(d, exist_ok=True)
-        open(os.path.join(d, "eval.json"), "w").write("{}")
+        json.dump({"models": {"deployed": {}, "coherent": {}}}, open(os.path.join(d, "eval.json"), "w"))
+        for m in ("deployed", "coherent", "coherent4"):  # coherent4: left by an earlier eval with other steps
+            open(os.path.join(d, f"eval_{m}.jsonl"), "w").write("{}\n")
         return 0
     results.RUNS, results.RESULTS = os.path.join(TMP, "run1", "runs"), os.path.join(TMP, "run1", "results")
     results.subprocess.call = call
     try:
         results.run_one("grad", 3, fresh=True)
+        results.run_one("grad", 3, True, results.KSTEPS, os.path.join(results.RESULTS, results.KSWEEP))  # = ksweep
     finally:
         results.RUNS, results.RESULTS, results.subprocess.call = saved
     rel = os.path.relpath(os.path.join(TMP, "run1", "runs", "grad-s3"), results.HERE)
-    assert [c[c.index("--out" if "train.py" in c[1] else "--ckpt") + 1] for c in calls] == [rel, rel]
-    meta = json.load(open(os.path.join(TMP, "run1", "results", "grad-s3", "run.json")))
+    assert [c[c.index("--out" if "train.py" in c[1] else "--ckpt") + 1] for c in calls] == [rel] * 4
+    dst = os.path.join(TMP, "run1", "results", "grad-s3")
+    meta = json.load(open(os.path.join(dst, "run.json")))
     assert meta["train"] == f"python train.py --router grad --seed 3 --out {rel}" and not os.path.isabs(rel)
     assert meta["eval"] == f"python eval.py --ckpt {rel} --coherence-steps 8"
-    assert os.path.exists(os.path.join(TMP, "run1", "results", "grad-s3", "eval.json"))
+    assert sorted(os.listdir(dst)) == ["eval.json", "eval_coherent.jsonl", "eval_deployed.jsonl", "run.json"]
+    meta = json.load(open(os.path.join(TMP, "run1", "results", "ksweep", "grad-s3", "run.json")))
+    assert meta["eval"] == f"python eval.py --ckpt {rel} --coherence-steps 1,2,4,8"
 
 
 def test_rescore_recomputes_eval_json_from_the_kept_completions():
