@@ -37,8 +37,8 @@ KSWEEP, KSTEPS = "ksweep", "1,2,4,8"  # results/ksweep: the same runs evaluated 
 
 
 def run_one(router, seed, fresh=False, coherence=COHERENCE, top=None):
-    """train.py (or --resume: a finished run just reloads) then eval.py --coherence-steps coherence; the run's
-    files go to top/<router>-s<seed>. The ksweep evaluates the main table's checkpoint when it is still there."""
+    """train.py (--resume when runs/results holds its checkpoint) then eval.py --coherence-steps coherence; the
+    run's files go to top/<router>-s<seed> (default results/). ksweep reuses the main run's checkpoint so."""
     name = f"{router}-s{seed}"
     out, dst = os.path.join(RUNS, name), os.path.join(top or RESULTS, name)
     rel = os.path.relpath(out, HERE)  # the commands run in HERE and name it relative: eval.json keeps no machine path
