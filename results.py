@@ -242,7 +242,9 @@ def main(argv=None):
         text = coherence_table()
         write_table(text, "coherence")
         if os.path.isdir(os.path.join(RESULTS, KSWEEP)):
-            write_table(coherence_table(os.path.join(RESULTS, KSWEEP)), "coherence-ksweep")
+            sweep = coherence_table(os.path.join(RESULTS, KSWEEP))
+            write_table(sweep, "coherence-ksweep")
+            text = sweep if a.what == "ksweep" else text  # print the table the command just added to
         if "v2" in olds:  # v1 predates --coherence-steps
             write_table(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2", HISTORY)
         return print(text)
