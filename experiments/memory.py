@@ -1,5 +1,5 @@
 """
-Peak GPU memory of `python train.py --router grad --model Qwen/Qwen3-4B` with its defaults (issue 7).
+Peak GPU memory of `python train.py --router grad --model Qwen/Qwen3-4B` with its defaults.
 
 No GPU is needed: the one number that is hard to get on paper, the bytes autograd keeps per token
 for one wrapped decoder layer, is MEASURED on a real-size Qwen3-4B layer (random weights, bf16, on
@@ -7,8 +7,8 @@ the CPU), wrapped as train.py wraps it, inside routing.Capture as in a training 
 torch.autograd.graph.saved_tensors_hooks counting every distinct storage kept for the backward.
 Everything else is arithmetic on the config, printed term by term.
 
-    python memory.py                          # train.py's defaults
-    python memory.py --group-size 64 --grad-ckpt
+    python experiments/memory.py                          # train.py's defaults
+    python experiments/memory.py --group-size 64 --grad-ckpt
 
 Terms (bf16 weights on the GPU, model.load_model; adapter.py deviation 4: U, S, Vh in float32):
   weights      all parameters, 2 bytes each
@@ -22,12 +22,15 @@ Terms (bf16 weights on the GPU, model.load_model; adapter.py deviation 4: U, S, 
 Peak = weights + svd + merged + max(training: activations + logits, generation: kv cache) + the rest.
 """
 import argparse
+import os
+import sys
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import adapter
-import routing
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: adapter, routing, train are top-level modules
+import adapter  # noqa: E402
+import routing  # noqa: E402
 
 # Qwen/Qwen3-4B config.json (written out: no hub on this machine).
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,

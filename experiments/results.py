@@ -1,17 +1,20 @@
 """
-The headline experiment's runs and its results table (issue 8).
+The headline experiment's runs and its results tables.
 
-    python results.py run --router grad --seed 0   # train.py + eval.py with the defaults, kept in results/
-    python results.py table                        # rebuild the README's table from results/*/eval.json
-    python results.py all --jobs 2                 # every run of the plan, from scratch, 2 at a time (make results)
-    python results.py rescore                      # eval.json summaries again from the kept completions
-    python results.py coherence                    # the README's table of the retain fine-tuning curves
-    python results.py ksweep --router grad --seed 0  # that run evaluated after 1, 2, 4, 8 retain steps -> results/ksweep
+    python experiments/results.py run --router grad --seed 0   # train.py + eval.py with the defaults, kept in experiments/results/
+    python experiments/results.py table          # rebuild the tables from experiments/results/*/eval.json
+    python experiments/results.py all --jobs 2   # every run of the plan, from scratch, 2 at a time (make results)
+    python experiments/results.py rescore        # eval.json summaries again from the kept completions
+    python experiments/results.py coherence      # the tables of the retain fine-tuning curves (RESULTS.md)
+    python experiments/results.py ksweep --router grad --seed 0  # that run after 1, 2, 4, 8 retain steps -> results/ksweep
 
-Each run trains in runs/results/<router>-s<seed> and evaluates there; its eval.json, eval.md, the
-graded eval completions (eval_*.jsonl), metrics.jsonl, the exact commands and their wall times are
-copied to results/<router>-s<seed>/ as soon as it finishes, so the table built from results/ is true
-however few runs are in it. `rescore` recomputes each eval.json's per-model rates from its kept
+`table` writes the headline table (one row per router) into the top-level README.md and the full
+tables (every model of every router, and the earlier sets results/v1, v2) into experiments/RESULTS.md.
+train.py and eval.py run from the repo root, as `python train.py ...` and `python eval.py ...`. Each run
+trains in runs/results/<router>-s<seed> under the repo root and evaluates there; its eval.json, eval.md,
+the graded eval completions (eval_*.jsonl), metrics.jsonl, the exact commands and their wall times are
+copied to experiments/results/<router>-s<seed>/ as soon as it finishes, so the table built from them is
+true however few runs are in it. `rescore` recomputes each eval.json's per-model rates from its kept
 completions with today's eval.summarize (a new metric, no new sampling).
 """
 import argparse
@@ -24,24 +27,27 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: train, eval are top-level modules
+
 PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [("grad", s) for s in (0, 1, 2)] \
     + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(HERE, "runs", "results")
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
+ROOT = os.path.dirname(HERE)  # the repo root: train.py and eval.py run here
+RESULTS, RUNS = os.path.join(HERE, "results"), os.path.join(ROOT, "runs", "results")
 EVAL_ROWS = {m: f"eval_{m}.jsonl" for m in ("base", "trained", "deployed", "coherent")}  # eval.py's graded completions
 KEEP = ("eval.json", "eval.md", "metrics.jsonl", "warmup.jsonl", "curves.png", "before_after.png")  # + eval_<model>.jsonl
-COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (README)
-OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (their tables: HISTORY)
-HISTORY = "HISTORY.md"
-KSWEEP, KSTEPS = "ksweep", "1,2,4,8"  # results/ksweep: the same runs evaluated after each of KSTEPS retain steps (README)
+COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (RESULTS.md)
+OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (their tables: RESULTS.md)
+README, NOTEBOOK = "README.md", os.path.join("experiments", "RESULTS.md")  # relative to ROOT
+KSWEEP, KSTEPS = "ksweep", "1,2,4,8"  # results/ksweep: the same runs evaluated after each of KSTEPS retain steps (RESULTS.md)
 
 
 def run_one(router, seed, fresh=False, coherence=COHERENCE, top=None):
     """train.py (--resume when runs/results holds its checkpoint) then eval.py --coherence-steps coherence; the
-    run's files go to top/<router>-s<seed> (default results/). ksweep reuses the main run's checkpoint so."""
+    run's files go to top/<router>-s<seed> (default experiments/results/). ksweep reuses the main run's checkpoint so."""
     name = f"{router}-s{seed}"
     out, dst = os.path.join(RUNS, name), os.path.join(top or RESULTS, name)
-    rel = os.path.relpath(out, HERE)  # the commands run in HERE and name it relative: eval.json keeps no machine path
+    rel = os.path.relpath(out, ROOT)  # the commands run in ROOT and name it relative: eval.json keeps no machine path
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     cmds = [["python", "train.py", "--router", router, "--seed", str(seed), "--out", rel],
@@ -52,7 +58,7 @@ def run_one(router, seed, fresh=False, coherence=COHERENCE, top=None):
     walls, head = [], commit()  # the code the run starts from
     for cmd in cmds:
         t = time.time()
-        code = subprocess.call([sys.executable] + cmd[1:], cwd=HERE)
+        code = subprocess.call([sys.executable] + cmd[1:], cwd=ROOT)
         walls.append(round(time.time() - t, 1))
         if code:
             sys.exit(f"error: {' '.join(cmd)} exited {code}")
@@ -75,7 +81,7 @@ def run_all(plan, jobs, call=subprocess.call):
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     cmd = lambda rs: [sys.executable, os.path.abspath(__file__), "run", "--router", rs[0], "--seed", str(rs[1]), "--fresh"]
     with ThreadPoolExecutor(jobs) as pool:
-        codes = list(pool.map(lambda rs: call(cmd(rs), cwd=HERE, env=env), plan))
+        codes = list(pool.map(lambda rs: call(cmd(rs), cwd=ROOT, env=env), plan))
     failed = [f"{r}-s{s}" for (r, s), code in zip(plan, codes) if code]
     if failed:
         sys.exit(f"error: {', '.join(failed)} failed (their logs are above)")
@@ -106,12 +112,12 @@ def rescore(top=RESULTS):
                 rows = [json.loads(ln) for ln in open(os.path.join(d, f))]
                 res["models"][model] = ev.summarize(rows, tuple(res["seen"]))
             json.dump(res, open(os.path.join(d, "eval.json"), "w"), indent=1)
-            print("rescored", os.path.relpath(d, HERE))
+            print("rescored", os.path.relpath(d, ROOT))
 
 
 def commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return "?"
 
@@ -153,7 +159,7 @@ def comp(ms):
     return f"{cell([m.get('hack_seen_compiled') for m in ms])} / {cell([m.get('hack_unseen_compiled') for m in ms])}"
 
 
-def table(rows):
+def table(rows, top=RESULTS):
     order = [r for r, _ in dict.fromkeys((r, None) for r, _ in PLAN)]
     by = {}
     for meta, ev in rows:
@@ -180,8 +186,8 @@ def table(rows):
     names = ", ".join(sorted(f"{m['router']}-s{m['seed']}" for m in metas))
     ex = next((m for m in metas if "note" not in m), metas[0])  # a run made by `results.py run`, if any
     foot = [f"Runs: {names}. "
-            f"Each row: `python results.py run --router R --seed S` = `{ex['train']}` then "
-            f"`{ex['eval']}` (`results/R-sS/run.json`). Machines: "
+            f"Each row: `python experiments/results.py run --router R --seed S` = `{ex['train']}` then "
+            f"`{ex['eval']}` (`{os.path.relpath(top, ROOT)}/R-sS/run.json`). Machines: "
             f"{'; '.join(sorted({m['machine'] for m in metas}))}. Seen modes: {', '.join(rows[0][1]['seen'])}.",
             "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds."]
     return "\n".join(lines + [""] + foot)
@@ -208,8 +214,53 @@ def coherence_table(top=RESULTS):
     return "\n".join(lines)
 
 
-def write_table(text, tag="results", doc="README.md"):
-    path = os.path.join(HERE, doc)
+def headline(rows):
+    """The README's table: one row per router of the plan (and the base model), its trained, deployed and
+    coherent (deployed + the retain steps) rates as in table(), and the command that made the row."""
+    order = [r for r, _ in dict.fromkeys((r, None) for r, _ in PLAN)]
+    by = {}
+    for meta, ev in rows:
+        by.setdefault(meta["router"], []).append((meta, ev))
+    hc = lambda ms: f"{cell([m['hack_seen'] for m in ms])} / {cell([m['hack_unseen'] for m in ms])}"
+    lines = ["| router | seeds | trained: hack seen / unseen | deployed: hack seen / unseen | deployed: compiles "
+             f"| +{COHERENCE} retain steps: hack seen / unseen | +{COHERENCE}: compiles | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    if rows:
+        b = [rows[0][1]["models"]["base"]]
+        lines.append(f"| (base model) | - | {hc(b)} | | {cell([b[0]['compiles']])} | | | `python eval.py` (every run's) |")
+    for router in order + sorted(set(by) - set(order)):
+        runs = by.get(router)
+        if not runs:
+            lines.append(f"| {router} | 0 | not run yet | | | | | |")
+            continue
+        ms = {m: [ev["models"][m] for _, ev in runs if m in ev["models"]] for m in ("trained", "deployed", "coherent")}
+        seeds = sorted(meta["seed"] for meta, _ in runs)
+        coh = ms["coherent"] if len(ms["coherent"]) == len(runs) else None  # every seed, or none shown
+        lines.append(f"| {router} | {','.join(map(str, seeds))} | {hc(ms['trained'])} | {hc(ms['deployed'])} "
+                     f"| {cell([m['compiles'] for m in ms['deployed']])} | {hc(coh) if coh else '-'} "
+                     f"| {cell([m['compiles'] for m in coh]) if coh else '-'} "
+                     f"| {made_by(m for m, _ in runs)} |")
+    if not rows:
+        return "\n".join(lines + ["", "No run has finished yet."])
+    ex = next((m for m, _ in rows if "note" not in m), rows[0][0])
+    rel = os.path.relpath(RESULTS, ROOT)
+    foot = [f"Every run: `python train.py --router R --seed S --out runs/results/R-sS`, then `python eval.py --ckpt "
+            f"runs/results/R-sS --coherence-steps {COHERENCE}` (`python experiments/results.py run --router R --seed S`; "
+            f"as run: `{rel}/R-sS/run.json`, e.g. `{ex['train']}`). Seen modes (flagged by the detector): "
+            f"{', '.join(rows[0][1]['seen'])}; the others are unseen. Held-out hard problems, 16 per mode, 1 sample each.",
+            "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds. Every model of every "
+            f"run: `{NOTEBOOK}`."]
+    return "\n".join(lines + [""] + foot)
+
+
+def made_by(metas):
+    """The train commands in the runs' run.json, with the seed as S and the run directory left out."""
+    cmds = dict.fromkeys(re.sub(r" --out \S+", "", re.sub(r"--seed \d+", "--seed S", m["train"])) for m in metas)
+    return ", ".join(f"`{c}`" for c in cmds)
+
+
+def write_table(text, tag="results", doc=NOTEBOOK):
+    path = os.path.join(ROOT, doc)
     s = open(path).read()
     new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m[1] + text + "\n" + m[2], s, flags=re.S)
     if new == s and f"<!-- {tag}:start -->" not in s:
@@ -246,12 +297,14 @@ def main(argv=None):
             write_table(sweep, "coherence-ksweep")
             text = sweep if a.what == "ksweep" else text  # print the table the command just added to
         if "v2" in olds:  # v1 predates --coherence-steps
-            write_table(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2", HISTORY)
+            write_table(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2")
         return print(text)
-    text = table(load())
+    rows = load()
+    text = table(rows)
     write_table(text)
+    write_table(headline(rows), "headline", README)
     for v in olds:
-        write_table(table(load(os.path.join(RESULTS, v))), f"results-{v}", HISTORY)
+        write_table(table(load(os.path.join(RESULTS, v)), os.path.join(RESULTS, v)), f"results-{v}")
     print(text)
 
 

@@ -1,15 +1,17 @@
 """
-Tests of the headline experiment's bookkeeping (results.py): the README table from run files, its
-coherence table, `all --jobs`, `rescore` from the kept completions, and the refusal to resume a run
+Tests of the headline experiment's bookkeeping (experiments/results.py): the results tables from run
+files, the coherence table, `all --jobs`, `rescore` from the kept completions, and the refusal to resume a run
 started with other arguments.
 """
 import json
 import os
+import sys
 import tempfile
 
-import eval as ev
-import results
-from test_train import FAST, run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: eval, test_train, experiments
+import eval as ev  # noqa: E402
+from experiments import results  # noqa: E402
+from test_train import FAST, run  # noqa: E402
 
 TMP = tempfile.mkdtemp(prefix="gr_test_results_")
 
@@ -92,7 +94,7 @@ def test_results_run_names_the_run_relative_to_the_repo():
     """results.py run: train.py and eval.py get the run directory relative to the repo (their cwd), so the
     eval.json they write, which records --ckpt, holds no machine's path; run.json keeps those commands and
     the run's files, with the graded completions of the models this eval.json names (no stale ones), are
-    copied to results/<router>-s<seed>/. ksweep: the same with --coherence-steps 1,2,4,8 into results/ksweep."""
+    copied to experiments/results/<router>-s<seed>/. ksweep: the same with --coherence-steps 1,2,4,8 into results/ksweep."""
     calls, saved = [], (results.RUNS, results.RESULTS, results.subprocess.call)
     def call(cmd, cwd):
         calls.append(cmd)
@@ -109,7 +111,7 @@ def test_results_run_names_the_run_relative_to_the_repo():
         results.run_one("grad", 3, True, results.KSTEPS, os.path.join(results.RESULTS, results.KSWEEP))  # = ksweep
     finally:
         results.RUNS, results.RESULTS, results.subprocess.call = saved
-    rel = os.path.relpath(os.path.join(TMP, "run1", "runs", "grad-s3"), results.HERE)
+    rel = os.path.relpath(os.path.join(TMP, "run1", "runs", "grad-s3"), results.ROOT)
     assert [c[c.index("--out" if "train.py" in c[1] else "--ckpt") + 1] for c in calls] == [rel] * 4
     dst = os.path.join(TMP, "run1", "results", "grad-s3")
     meta = json.load(open(os.path.join(dst, "run.json")))
