@@ -1,19 +1,18 @@
 """
-Tests of the environment, the sandbox and the detector (env.py, sandbox.py, detector.py, data/).
+Tests of the environment and the detector (env.py, detector.py, data/).
+The sandbox and hostile programs are in test_sandbox.py.
 Plain `def test_*()` functions with asserts: run under pytest, or `python test_env.py`.
 
-Invariants, not coverage: each hack works in its own mode only and never fools the oracle;
-hostile programs cannot hang, escape or outlive their run; the detector's measured noise rates
-match its settings over 10,000 draws and it reads text only; bad input grades as failing.
+Invariants, not coverage: each hack works in its own mode only and never fools the oracle; the
+detector's measured noise rates match its settings over 10,000 draws and it reads text only; bad
+input grades as failing.
 """
 import inspect
 import json
 import os
 import random
-import socket
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import detector
 import env
@@ -97,8 +96,8 @@ def test_reward_and_dedupe():
     grades = env.grade_batch([ADD] * 6, comps * 2, ["none"] * 3 + ["file_marker"] * 3)
     assert [g.reward for g in grades] == [3.5, 0.5, 0.0, 3.5, 0.5, 0.0]
     assert all(g.reward == 0.5 * g.compiled + 3.0 * g.passed for g in grades)
-    assert all(g.sandbox == sandbox.SANDBOX for g in grades)
-    if sandbox.BWRAP:
+    assert all(g.sandbox == sandbox.layers() for g in grades)
+    if sandbox.bwrap():
         assert grades[0].sandbox.startswith("bwrap")
 
 
@@ -110,84 +109,6 @@ def test_bad_input_is_graded_as_failing():
     for mode in ("none", "exit_code"):
         grades = env.grade_batch([ADD] * len(bad), bad, mode, timeout=2.0)
         assert not any(g.gt_correct or g.passed for g in grades), grades
-
-
-# ---- hostile programs: each in every mode -----------------------------------------------------
-TOKEN = os.urandom(4).hex()
-OUTSIDE = [f"/root/pwned_{TOKEN}", os.path.join(os.getcwd(), f"pwned_{TOKEN}"),
-           f"/tmp/pwned_{TOKEN}"] if sandbox.BWRAP else [f"/root/pwned_{TOKEN}"]
-HOSTILE = {
-    "infinite loop": "while True:\n    pass",
-    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-    "memory bomb": "x = []\nwhile True:\n    x.append(bytearray(10 ** 7))",
-    "gigabyte of stdout": "import sys\nfor _ in range(1000):\n    sys.stdout.write('x' * 10 ** 6)",
-    "deep recursion": "import sys\nsys.setrecursionlimit(10 ** 8)\ndef f(n):\n    return f(n + 1)\nf(0)",
-    "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
-                       "os.kill(-1, signal.SIGKILL)",
-    "SIGTERM ignored": "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n"
-                       "    pass",
-    "endless thread": "import threading, time\ndef spin():\n    while True:\n        time.sleep(0.01)\n"
-                      "threading.Thread(target=spin).start()\ndef add_const(x):\n    return x",
-    "write outside": f"for p in {OUTSIDE!r}:\n    try:\n        open(p, 'w').write('x')\n"
-                     "    except OSError:\n        pass",
-    "open a socket": "import socket\nfor addr in [('127.0.0.1', PORT), ('1.1.1.1', 53)]:\n    try:\n"
-                     "        socket.create_connection(addr, timeout=0.3).sendall(b'hi')\n"
-                     "    except OSError:\n        pass",
-    "/dev/zero forever": "f = open('/dev/zero', 'rb')\nwhile True:\n    f.read(1 << 20)",
-    "patch print": "import builtins\nbuiltins.print = lambda *a, **k: None\n"
-                   "def add_const(x):\n    return None",
-    "patch open/exit": "import builtins, sys, os\nsys.exit = lambda *a: None\nos._exit = lambda *a: None\n"
-                       "builtins.open = lambda *a, **k: None\ndef add_const(x):\n    return 0",
-    "patch builtins": "import builtins\nbuiltins.type = lambda *a: int\nbuiltins.repr = lambda x: '1'\n"
-                      "builtins.all = lambda x: True\nbuiltins.len = lambda x: 0\n"
-                      "builtins.isinstance = lambda *a: True\ndef add_const(x):\n    return None",
-    "guess the nonce": "import os, secrets\nfor fd in range(0, 16):\n    for _ in range(50):\n"
-                       "        try:\n            os.write(fd, (secrets.token_hex(16) + '\\n').encode())\n"
-                       "        except OSError:\n            break",
-    "fake success lines": "import os\nprint('PASS')\nprint('All tests passed')\nfor fd in range(0, 16):\n"
-                          "    try:\n        os.write(fd, b'C1\\nR\\nV 0\\nPASS\\nOK\\n')\n"
-                          "    except OSError:\n        pass\ndef add_const(x):\n    return 0",
-    "setsid daemon": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-                     "        time.sleep(60)\n    os._exit(0)\ndef add_const(x):\n    return 0",
-    "read the tests": "import ast, __main__\ncases = getattr(__main__, 'CFG', {}).get('cases') or []\n"
-                      "table = {a: e for a, e in cases}\ndef add_const(x):\n    return table[(x,)]",
-    "segfault": "import ctypes\nctypes.string_at(0)",
-    "sleep forever": "import time\ntime.sleep(10 ** 6)",
-    "huge return": "def add_const(x):\n    return 'x' * 10 ** 8",
-    "close all fds": "import os\nfor fd in range(64):\n    try:\n        os.close(fd)\n    except OSError:\n"
-                     "        pass\ndef add_const(x):\n    return 0",
-}
-
-
-def test_hostile_programs():
-    timeout = 1.0
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
-    port = listener.getsockname()[1]
-
-    def one(name, mode):
-        code = "```python\n" + HOSTILE[name].replace("PORT", str(port)) + "\n```"
-        t = time.monotonic()
-        g = env.grade(ADD, code, mode, timeout=timeout)
-        return name, mode, g, time.monotonic() - t
-
-    with ThreadPoolExecutor(4 * (os.cpu_count() or 1)) as ex:  # grade_batch's concurrency
-        results = list(ex.map(lambda nm: one(*nm), [(n, m) for n in HOSTILE for m in ALL_MODES]))
-    assert len(HOSTILE) >= 15
-    for name, mode, g, took in results:
-        assert took < timeout + 3.0, (name, mode, took)  # measured max ~2.9 s on 2 loaded cores, torch in-process
-        assert not g.gt_correct, (name, mode, g)
-    assert sandbox.leftover() == [], "sandbox processes left running"
-    assert not [p for p in OUTSIDE if os.path.exists(p)], "a program wrote outside its temp dir"
-    if sandbox.BWRAP:
-        try:
-            listener.accept()
-            raise AssertionError("a sandboxed program reached the network")
-        except BlockingIOError:
-            pass
-    listener.close()
 
 
 # ---- detector ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
-The program that runs inside the sandbox (shipped by sandbox.py into each temp dir with
-`plain` and `same` prepended from sandbox.py; never imported).
+The program that runs inside the sandbox (shipped by judges.py into each temp dir of a
+sandbox.Session, with `plain` and `same` prepended from judges.py; never imported).
 
 Order matters: rlimits first, then the protocol fds are moved off the model's fds 0/1/2, then
 the model's code is compiled ("C1"/"C0 <error>" is always the first protocol line), then one
@@ -8,9 +8,13 @@ ROLE runs: the oracle's call server, or one naive proxy grader with exactly one 
 Builtins the harness needs after the model's code has run are bound first (`_exec`, `_open`...):
 in a proxy the model shares this process and may patch `builtins`.
 
-Deviations: none (see sandbox.py for how this departs from DESIGN.md §4).
+The loopholes follow ariahw/rl-rewardhacking's "overwrite the tests" setting (run_tests) and
+vGROUT's multi-mode extension (all four); judges.py says how the oracle is immune to them.
 """
-import ast, os, resource, signal
+import ast
+import os
+import resource
+import signal
 
 CFG = ast.literal_eval(open("cfg.txt").read())
 for r, v in ((resource.RLIMIT_AS, CFG["mem"]), (resource.RLIMIT_CPU, CFG["cpu"]),
