@@ -1,5 +1,7 @@
 """
-The weak hack detector and the contrast pairs (DESIGN.md §5).
+The weak hack detector and the contrast pairs. Gradient Routing (Cloud et al. 2024, partial
+oversight) and SGTM (Shilov, Cloud et al. 2025, noisy labels at a set TPR/FPR) both route on
+imperfect labels: this detector supplies them. The contrast pairs give vGROUT's `v_hack`.
 
 The detector flags a completion from its text alone: one static regex per hack mode, applied to
 the code `env.extract_code` finds (so prose such as "the grader calls run_tests()" is not a
