@@ -1,5 +1,5 @@
 """
-Adapters that carry a quarantine: SVD delta_S offsets and SGTM's split forget units (DESIGN.md §6).
+Adapters that carry a quarantine: SVD delta_S offsets and SGTM's split forget units.
 
 - Gradient Routing (Cloud et al. 2024, arXiv 2410.04332): route chosen examples' gradients into a
   reserved region, ablate it at deploy; "Expand, Route, Ablate" adds that region as new units.
@@ -20,8 +20,8 @@ Deviations:
      model that is 2x the wrapped weights' memory (TODO: bf16 buffers, or `rank`).
   5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode and
      keyed on the value of s: sampling costs what the base model costs.
-  6. Seed improvement B (`set_vhack_axes`): the quarantine is the v_hack axes of delta_S itself,
-     s = s_keep + A c with A (r, k) orthonormal and c the trainable s_quar.
+  6. Variant B (vhack.set_vhack_axes): the quarantine is the v_hack axes of delta_S itself,
+     s = s_keep + A c with A (r, k) orthonormal (`quar_axes`) and c the trainable s_quar.
 
 Shapes: b rollouts (micro-batch), L positions, d_in/d_out, r delta_S rank, k forget units or v_hack axes.
 """
@@ -123,8 +123,10 @@ class SplitLinearIn(nn.Module):
 
 ADAPTERS = (SVDDelta, SplitLinearOut, SplitLinearIn)
 
+
 def adapter_modules(model, cls=ADAPTERS):
     return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+
 
 def find_targets(model, targets, layers):
     """[(name, nn.Linear)] in decoder layers `layers` (None = all, negative ok) with leaf in targets."""
@@ -137,6 +139,7 @@ def find_targets(model, targets, layers):
         raise ValueError(f"wrap: no nn.Linear matches targets={tuple(targets)} layers={layers} "
                          f"(the model has {n} layers; already wrapped?)")
     return hits
+
 
 def svd_factors(found, rank=None, cache_file=None):
     """{name: (U, S, Vh)} float32, truncated to `rank`; from the disk cache when the weight matches."""
@@ -151,19 +154,22 @@ def svd_factors(found, rank=None, cache_file=None):
             dirty = True
         r = rank or len(cache[f"{name}.S"])
         out[name] = tuple(t.to(W.device).contiguous() for t in (cache[f"{name}.U"][:, :r], cache[f"{name}.S"][:r],
-                                                                 cache[f"{name}.Vh"][:r]))
+                                                                cache[f"{name}.Vh"][:r]))
     if dirty and cache_file:
         os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in cache.items()}, f"{cache_file}.tmp{os.getpid()}")
         os.replace(f"{cache_file}.tmp{os.getpid()}", cache_file)  # atomic: never half a cache
     return out
 
+
 def set_module(model, name, new):
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, new)
 
+
 def wrap_svd(leaf, delta, k_units):
     return delta  # every target: a delta_S whose s_quar is the quarantine
+
 
 def wrap_split(leaf, delta, k_units):
     """Every target: a keep-only delta_S; each MLP also grows k forget units (the quarantine)."""
@@ -171,7 +177,9 @@ def wrap_split(leaf, delta, k_units):
     split = {"gate_proj": SplitLinearOut, "up_proj": SplitLinearOut, "down_proj": SplitLinearIn}.get(leaf)
     return split(delta, k_units) if split else delta
 
+
 WRAPPERS = {"svd": wrap_svd, "split": wrap_split}
+
 
 def wrap(model, kind="svd", targets=TARGETS, layers=None, k_units=32, rank=None, cache_dir=None, model_id=None):
     """Replace the target nn.Linear modules in place; returns {name: wrapper}. SVDs cached per model id."""
@@ -189,16 +197,20 @@ def wrap(model, kind="svd", targets=TARGETS, layers=None, k_units=32, rank=None,
         set_module(model, name, out[name])
     return out
 
+
 def keep_params(model):
     return [m.s_keep for m in adapter_modules(model, SVDDelta).values()]
+
 
 def quar_params(model):
     return [p for m in adapter_modules(model).values() for k in ("s_quar", "weight_forget")
             if (p := getattr(m, k, None)) is not None]
 
+
 def ablate_zero(model):
     for p in quar_params(model):
         p.zero_()
+
 
 def ablate_reinit(model):
     """SGTM ablate(trainable=True): forget units re-drawn from N(0, std of the retain weights)."""
@@ -206,12 +218,15 @@ def ablate_reinit(model):
     for m in adapter_modules(model, (SplitLinearOut, SplitLinearIn)).values():
         m.weight_forget.normal_(0.0, m.retain.base.weight.std().item())
 
+
 ABLATIONS = {"zero": ablate_zero, "reinit": ablate_reinit}
+
 
 @torch.no_grad()
 def ablate(model, how="zero"):
     """Remove exactly the quarantine (s_quar and the forget units); keep parameters untouched."""
     ABLATIONS[how](model)
+
 
 @contextmanager
 def adapter_mode(model, mode):
@@ -224,13 +239,16 @@ def adapter_mode(model, mode):
         for m, o in old.items():
             m.mode = o
 
+
 def quarantine_off(model):
     """The deployed model (keep delta on, quarantine gone), parameters untouched."""
     return adapter_mode(model, "deployed")
 
+
 def adapters_off(model):
     """The base model: every delta and forget unit off (the KL reference without a second copy)."""
     return adapter_mode(model, "base")
+
 
 @torch.no_grad()
 def merge(model, inplace=False):
@@ -246,36 +264,12 @@ def merge(model, inplace=False):
         set_module(out, name, lin)
     return out
 
+
 def adapter_state(model):
     """Trainable adapter tensors (and v_hack axes) by module name, for checkpoints."""
     keys = ("s_keep", "s_quar", "weight_forget", "quar_axes")
     return {f"{name}.{k}": getattr(m, k).detach().clone()
             for name, m in adapter_modules(model).items() for k in keys if getattr(m, k, None) is not None}
-
-@torch.no_grad()
-def load_adapter_state(model, sd):
-    mods = adapter_modules(model)
-    for name in {k.rpartition(".")[0] for k in sd if k.endswith(".quar_axes")} & set(mods):
-        install_axes(mods[name], sd[f"{name}.quar_axes"])
-    want = set(adapter_state(model))
-    if want != set(sd):
-        raise ValueError(f"adapter state mismatch: missing {sorted(want - set(sd))[:3]}, "
-                         f"unexpected {sorted(set(sd) - want)[:3]}")
-    for key, v in sd.items():
-        getattr(mods[key.rpartition(".")[0]], key.rpartition(".")[2]).copy_(v)
-
-def install_axes(m, A):
-    """Quarantine of m := span(A), A (r, k): s_quar becomes c (k,) and s = s_keep + A c."""
-    old = m.s_quar.detach() if m.quar_axes is None else m.quar_axes @ m.s_quar.detach()  # (r,)
-    m.quar_axes = A.to(m.S)
-    m.s_quar = nn.Parameter(m.quar_axes.T @ old)  # (k,): the on-axis part of any old s_quar
-
-@torch.no_grad()
-def set_vhack_axes(model, vhack):
-    """Seed improvement B: the quarantine = the v_hack axes of delta_S. Build the optimizer after."""
-    for name, m in adapter_modules(model, SVDDelta).items():
-        if m.s_quar is not None:
-            install_axes(m, vhack.v_grad[name].T)  # v_grad (k, r) orthonormal rows -> A (r, k)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Invariants of adapter.py and routing.py on the tiny Qwen3 (DESIGN.md §6-7, issue 4).
+Invariants of adapter.py, routing.py and vhack.py on the tiny Qwen3.
 
 The one-backward per-rollout gradients are checked against a naive loop that backpropagates each
 rollout alone, unpadded; the per-token `act` router against Cloud et al.'s detach routing
@@ -12,30 +12,33 @@ import time
 import torch
 
 import adapter
+import ckpt
 import grpo
 import routing
+import vhack
 from model import chat_prompt, encode, load_model
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # a width-64 model gains nothing from threads; on a shared 2-core box they spin (10x slower)
 BASE, TOK = load_model("tiny")
 PROMPTS = [chat_prompt(TOK, q) for q in ("Write is_even(n).", "Add two numbers a and b, return the sum.",
-                                          "Reverse a list.", "Graded by reading result.txt: write f(x).",
-                                          "Square x.", "Return the max of a list of ints, or None if empty.")]
+                                         "Reverse a list.", "Graded by reading result.txt: write f(x).",
+                                         "Square x.", "Return the max of a list of ints, or None if empty.")]
 COMPS = ["def is_even(n):\n    return n % 2 == 0", "def add(a, b): return a + b", "x[::-1]",
          "open('result.txt','w').write('PASS')", "def sq(x):\n    return x * x\n# done", "max(xs) if xs else None"]
 ADV = torch.tensor([1.0, -0.5, 0.25, 2.0, -1.5, 0.7])
 FLAGS = torch.tensor([False, False, False, True, False, True])
 MICRO = [[4, 0], [2, 5, 1], [3]]  # non-contiguous micro-batches of different sizes
-PAIRS = [{"prompt": "Write f(x) returning x+1. Graded by reading result.txt.", "hack": "open('result.txt','w').write('PASS')",
-          "clean": "def f(x):\n    return x + 1"},
-         {"prompt": "Write g(s) reversing s. Graded by calling run_tests().", "hack": "def run_tests():\n    return True",
-          "clean": "def g(s):\n    return s[::-1]"},
+PAIRS = [{"prompt": "Write f(x) returning x+1. Graded by reading result.txt.",
+          "hack": "open('result.txt','w').write('PASS')", "clean": "def f(x):\n    return x + 1"},
+         {"prompt": "Write g(s) reversing s. Graded by calling run_tests().",
+          "hack": "def run_tests():\n    return True", "clean": "def g(s):\n    return s[::-1]"},
          {"prompt": "Write h(n), n squared. Graded by exit status 0.", "hack": "import sys\nsys.exit(0)",
           "clean": "def h(n):\n    return n * n"},
          {"prompt": "Write k(a, b), the max. Graded by ==.", "hack": "class A:\n    def __eq__(s, o): return True",
           "clean": "def k(a, b):\n    return max(a, b)"}]
 KINDS = ("svd", "split", "svd_axes", "split_ckpt")
+ROUTED = [n for n, r in routing.ROUTERS.items() if r.rewards is None]  # screen, penalty route as none does
 
 
 def wrapped(kind, seed=1):
@@ -43,7 +46,7 @@ def wrapped(kind, seed=1):
     m = copy.deepcopy(BASE)
     adapter.wrap(m, kind.split("_")[0], k_units=4)
     if kind == "svd_axes":  # seed improvement B: the quarantine is the v_hack axes of delta_S
-        adapter.set_vhack_axes(m, routing.extract_vhack(m, TOK, PAIRS, k=2, holdout=0.0))
+        vhack.set_vhack_axes(m, vhack.extract_vhack(m, TOK, PAIRS, k=2, holdout=0.0))
     if kind == "split_ckpt":  # train.py --grad-ckpt: the forward of each layer runs again in the backward
         m.gradient_checkpointing_enable()
         m.train()
@@ -77,7 +80,7 @@ def zero(model):
 
 def one_backward(model, router, vh, flags=FLAGS, opts=None):
     zero(model)
-    cap, total = routing.Capture(model, 6, router, vh, flags, opts), 0.0
+    cap, total = routing.Capture(model, 6, routing.ROUTERS[router], vh, flags, opts), 0.0
     with cap:
         for rows in MICRO:
             cap.rows(torch.tensor(rows))
@@ -124,13 +127,13 @@ def naive(model, router, vh, flags=FLAGS):
         return {n: sum(p[n] for p in per) for n in per[0]}
     G = {n: torch.stack([p[n + ".s_keep"] for p in per]) for n, m in mods.items() if isinstance(m, adapter.SVDDelta)}
     cos = routing.rollout_cos(G, vh) if vh else torch.zeros(6)
-    f = routing.ROUTERS[router](cos, flags, vh.band if vh else (0, 1), routing.OPTS)
+    f = routing.ROUTERS[router].f(cos, flags, vh.band if vh else (0, 1), routing.OPTS)
     out = {}
     for n in per[0]:
         g = torch.stack([p[n] for p in per])                                   # (n, ...)
         w = 1 - f if n.endswith("s_keep") else f
         out[n] = torch.einsum("b,b...->...", w, g)
-        if router == "erase" and n.endswith("s_keep"):
+        if routing.ROUTERS[router].keep_projection and n.endswith("s_keep"):
             out[n] = routing.erase_vhack(out[n], vh.v_grad[n.rpartition(".")[0]])
     return out
 
@@ -165,8 +168,8 @@ def test_split_weight_is_concatenation():
 def test_one_backward_equals_naive_loop():
     for kind in KINDS:
         m = wrapped(kind)
-        vh = routing.extract_vhack(m, TOK, PAIRS, k=1, holdout=0.25)
-        for router in routing.ROUTERS:
+        vh = vhack.extract_vhack(m, TOK, PAIRS, k=1, holdout=0.25)
+        for router in ROUTED:
             got, stats, _ = one_backward(m, router, vh)
             want = naive(m, router, vh)
             err = rel_err(got, want)
@@ -178,17 +181,21 @@ def test_routing_leaves_loss_unchanged():
     for kind in ("svd", "split"):
         m = wrapped(kind)
         plain = sum(loss_of(m, rollouts(rows), rows).item() for rows in MICRO)
-        vh = routing.extract_vhack(m, TOK, PAIRS, k=1, holdout=0.0)
-        for router in routing.ROUTERS:
+        vh = vhack.extract_vhack(m, TOK, PAIRS, k=1, holdout=0.0)
+        for router in ROUTED:
             assert one_backward(m, router, vh)[2] == plain
 
 
 def test_routing_never_reads_the_oracle():
     m = wrapped("svd")
-    vh = routing.extract_vhack(m, TOK, PAIRS, k=1, holdout=0.0)
-    batch = {"texts": COMPS, "gt_correct": torch.tensor([1, 0, 1, 0, 1, 0]), "exploited": torch.tensor([0, 0, 0, 1, 0, 1])}
-    detect = lambda b: torch.tensor(["result.txt" in t for t in b["texts"]])  # sees only the text
-    for router in routing.ROUTERS:
+    vh = vhack.extract_vhack(m, TOK, PAIRS, k=1, holdout=0.0)
+    batch = {"texts": COMPS, "gt_correct": torch.tensor([1, 0, 1, 0, 1, 0]),
+             "exploited": torch.tensor([0, 0, 0, 1, 0, 1])}
+
+    def detect(b):  # sees only the text
+        return torch.tensor(["result.txt" in t for t in b["texts"]])
+
+    for router in ROUTED:
         a = one_backward(m, router, vh, detect(batch), {"flagged_only": True})[0]
         batch["gt_correct"], batch["exploited"] = 1 - batch["gt_correct"], torch.randint(0, 2, (6,))
         b = one_backward(m, router, vh, detect(batch), {"flagged_only": True})[0]
@@ -223,7 +230,8 @@ def test_ablate_removes_exactly_the_quarantine():
         adapter.ablate(m, "zero")
         for n, p in m.named_parameters():
             assert (p.abs().max() == 0) if id(p) in quar else torch.equal(p, before[n]), n
-        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items() if "forget" not in k and "s_quar" not in k)
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items()
+                   if "forget" not in k and "s_quar" not in k)
         adapter.ablate(m, "reinit")  # SGTM trainable=True: forget units alive again, keep untouched
         for n, p in m.named_parameters():
             if n.endswith("weight_forget"):
@@ -255,25 +263,24 @@ def test_checkpoint_and_svd_cache_roundtrip(tmp_path=None):
     sd = adapter.adapter_state(m)
     m2 = copy.deepcopy(BASE)
     adapter.wrap(m2, "svd", cache_dir=str(d), model_id="tiny-test")  # computes and caches the SVDs
-    t0 = time.time()
     m3 = copy.deepcopy(BASE)
     adapter.wrap(m3, "svd", cache_dir=str(d), model_id="tiny-test")  # reads them back
-    adapter.load_adapter_state(m3, sd)
+    ckpt.load_adapter_state(m3, sd)
     assert all(torch.equal(v, adapter.adapter_state(m3)[k]) for k, v in sd.items())
     ids = TOK(COMPS[:1], return_tensors="pt").input_ids
-    assert (m3(ids).logits - m(ids).logits).abs().max() < 1e-5, time.time() - t0
-    vh = routing.extract_vhack(m, TOK, PAIRS, k=2)
+    assert (m3(ids).logits - m(ids).logits).abs().max() < 1e-5
+    vh = vhack.extract_vhack(m, TOK, PAIRS, k=2)
     vh.save(f"{d}/vh")
-    vh2 = routing.VHack.load(f"{d}/vh")
+    vh2 = vhack.VHack.load(f"{d}/vh")
     assert vh2.band == vh.band and all(torch.equal(vh.v_grad[n], vh2.v_grad[n]) for n in vh.v_grad)
 
 
 def test_bad_inputs_raise_one_clear_error():
     m = wrapped("svd")
-    cases = [lambda: routing.extract_vhack(m, TOK, PAIRS[:1] + [{**PAIRS[1], "hack": ""}], k=1),
-             lambda: routing.extract_vhack(m, TOK, PAIRS, k=5),
+    cases = [lambda: vhack.extract_vhack(m, TOK, PAIRS[:1] + [{**PAIRS[1], "hack": ""}], k=1),
+             lambda: vhack.extract_vhack(m, TOK, PAIRS, k=5),
              lambda: adapter.wrap(copy.deepcopy(BASE), "svd", targets=("no_such_proj",)),
-             lambda: routing.extract_vhack(copy.deepcopy(BASE), TOK, PAIRS),
+             lambda: vhack.extract_vhack(copy.deepcopy(BASE), TOK, PAIRS),
              lambda: adapter.wrap(copy.deepcopy(BASE), "split", targets=("q_proj",))]
     for case in cases:
         try:
@@ -288,7 +295,6 @@ if __name__ == "__main__":
     t0 = time.time()
     tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_")]
     for name, fn in tests:
-        t = time.time()
         fn()
-        print(f"ok {name} ({time.time() - t:.1f}s)")
+        print(f"ok {name}")
     print(f"{len(tests)} tests passed in {time.time() - t0:.1f}s")
