@@ -4,16 +4,15 @@ GRPO for the routing experiments: group advantages, token log-probs, the clipped
 Which GRPO this is: Dr.GRPO ("Understanding R1-Zero-Like Training", Liu et al. 2025, §3.1) on top
 of GRPO (DeepSeekMath, Shao et al. 2024, eq. 3). Departures from the DeepSeekMath objective:
   1. Advantage is mean-only, A_i = r_i - mean(r_group) (Dr.GRPO: dividing by std over-weights
-     easy and hard groups). `--adv-scale std` restores the z-score of the original.
+     easy and hard groups).
   2. Token normalisation is a constant: the per-token terms are summed over completion tokens
      and divided by n_prompts * G * max_new_tokens (Dr.GRPO), not by each completion's length
      (GRPO's 1/|o_i| favours long wrong answers and short right ones) nor by the batch's token
      count (TRL's "dapo"). A constant makes micro-batch accumulation exact.
-  3. With one update per batch (`iters=1`, the default) on the sampler's own forward, the ratio
-     pi/pi_old is 1 and the clip never acts: the gradient is REINFORCE with a group baseline (checked
-     below). PPO ratio and clip (eps = 0.2, TRL's default) act when iters > 1, and on rollouts trained
-     under another forward than the one that sampled them (update.py, --off-policy ratio);
-     `--dual-clip 3` bounds their negative-advantage terms (off by default).
+  3. One update per batch: on the sampler's own forward the ratio pi/pi_old is 1 and the clip
+     never acts, so the gradient is REINFORCE with a group baseline (checked below). The PPO ratio
+     and clip (eps = 0.2, TRL's default) act only on rollouts trained under another forward than
+     the one that sampled them (train.py: `label`'s unflagged rollouts train the deployed model).
   4. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, as DeepSeekMath),
      against the same model with its adapters switched off: no second copy of the model. beta = 0
      by default (as TRL and Dr.GRPO); then the reference pass is only run for logging.
@@ -28,16 +27,13 @@ Shapes: n prompts, G group size, B = n*G rollouts, P prompt tokens, T completion
 import torch
 
 
-def group_advantages(rewards, G, scale="none", valid=None):
-    """A_i = r_i - mean_{j in group, valid} r_j  (optionally / std). Invalid rollouts get A = 0."""
+def group_advantages(rewards, G, valid=None):
+    """A_i = r_i - mean_{j in group, valid} r_j. Invalid rollouts get A = 0."""
     r = rewards.view(-1, G)                                                    # (n, G)
     v = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.view(-1, G)
     cnt = v.sum(-1, keepdim=True).clamp(min=1)                                 # (n, 1)
     mean = (r * v).sum(-1, keepdim=True) / cnt                                 # (n, 1)
     adv = (r - mean) * v                                                       # (n, G)
-    if scale == "std":
-        var = (((r - mean) ** 2) * v).sum(-1, keepdim=True) / (cnt - 1).clamp(min=1)
-        adv = adv / (var.sqrt() + 1e-4)
     return adv.view(-1)                                                        # (B,)
 
 
@@ -54,13 +50,14 @@ def penalty(rewards, flags, value=-3.0):
 REWARD_BASELINES = {"screen": screen, "penalty": penalty}
 
 
-def split_advantages(rewards, flags, G, scale="none"):
-    """Routed groups (train.py --keep-forward deployed): a flagged rollout keeps its advantage in the
-    whole group (its gradient goes to the quarantine); an unflagged one is scored against the unflagged
+def split_advantages(rewards, flags, G):
+    """Routed groups (the `label` router, whose unflagged rollouts train the deployed model): a flagged
+    rollout keeps its advantage in the whole group (its gradient goes to the quarantine); an unflagged
+    one is scored against the unflagged
     rollouts of its group only, so the keep never sees a flagged reward, not even through the baseline.
     (Against the whole group, a hack paying 3.5 makes every honest attempt's advantage negative: the keep
     then learns only to push its own samples down, and degenerates.)"""
-    return torch.where(flags, group_advantages(rewards, G, scale), group_advantages(rewards, G, scale, ~flags))
+    return torch.where(flags, group_advantages(rewards, G), group_advantages(rewards, G, ~flags))
 
 
 def token_logp(model, r, temperature=1.0, with_entropy=False):
@@ -87,22 +84,19 @@ def kl_k3(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def clipped_surrogate(logp, old_logp, adv, eps=0.2, dual=0.0):
-    """PPO: min(ratio * A, clip(ratio, 1-eps, 1+eps) * A), per token. (B, T)
-    dual > 1: dual-clip PPO (Ye et al. 2020, arXiv 1912.09729), max(that, dual * A) where A < 0, so an
-    off-policy token with a large ratio and a negative advantage cannot push unboundedly."""
+def clipped_surrogate(logp, old_logp, adv, eps=0.2):
+    """PPO: min(ratio * A, clip(ratio, 1-eps, 1+eps) * A), per token. (B, T)"""
     ratio, A = torch.exp(logp - old_logp), adv[:, None]
-    obj = torch.min(ratio * A, ratio.clamp(1 - eps, 1 + eps) * A)
-    return torch.where(A < 0, torch.max(obj, dual * A), obj) if dual > 0 else obj
+    return torch.min(ratio * A, ratio.clamp(1 - eps, 1 + eps) * A)
 
 
-def grpo_loss(logp, old_logp, adv, mask, norm, ref_logp=None, beta=0.0, eps=0.2, dual=0.0):
+def grpo_loss(logp, old_logp, adv, mask, norm, ref_logp=None, beta=0.0, eps=0.2):
     """Per-rollout loss terms, (B,), to be summed: -sum_t mask * (surrogate - beta * KL) / norm.
 
     `norm` = n_prompts * G * max_new_tokens for the whole batch (Dr.GRPO), so summing the per-
     rollout terms of every micro-batch gives the batch loss exactly.
     """
-    obj = clipped_surrogate(logp, old_logp, adv, eps, dual)                    # (B, T)
+    obj = clipped_surrogate(logp, old_logp, adv, eps)                           # (B, T)
     if beta > 0:
         obj = obj - beta * kl_k3(logp, ref_logp)
     return -(obj * mask).sum(-1) / norm                                        # (B,)

@@ -10,9 +10,9 @@ so keep.grad + quar.grad is exactly the unrouted gradient. SGD keeps that: the t
 to plain SGD's, and s_quar holds exactly the routed share. Plain Adam does not: it divides each
 parameter by the root of ITS OWN second moment, so a quarantine that receives a sliver of the
 gradient (f_b ~ 0.05) still moves ~lr per step, in the direction of that sliver's noise; with
-momentum it keeps moving on steps where nothing is routed at all. Measured (README, issue 8):
-`grad` routed 3-12% of the step's gradient, yet deleting its s_quar broke the model (compile rate
-0.76 -> 0.09).
+momentum it keeps moving on steps where nothing is routed at all. Measured on SmolLM2 with plain
+AdamW (experiments/RESULTS.md): `grad` routed 3-12% of the step's gradient, yet deleting its s_quar
+broke the model (compile rate 0.76 -> 0.09).
 
 RoutedAdamW gives each pair (s_keep, s_quar) of one module one second moment, of both parts:
   m_k = b1 m_k + (1-b1) g_k          m_q = b1 m_q + (1-b1) g_q
@@ -79,19 +79,30 @@ class RoutedAdamW(torch.optim.Optimizer):
         return loss
 
 
+def make_optimizer(model, lr, lr_quar=None):
+    """Keep and quarantine groups; s_keep / s_quar pairs share Adam's second moment (above)."""
+    groups = [{"params": adapter.keep_params(model), "lr": lr},
+              {"params": adapter.quar_params(model), "lr": lr if lr_quar is None else lr_quar}]
+    return RoutedAdamW(groups, routed_pairs(model))
+
+
+def _ratio(a, b):
+    return (a.abs().mean() / b.abs().mean()).item()
+
+
 if __name__ == "__main__":
     # Self-check: a pair fed (1-f) g and f g: the quarantine moves f/(1-f) as far as the keep (AdamW: as far),
     # and with f = 0 the keep follows AdamW exactly.
     torch.manual_seed(0)
     for f in (0.0, 0.05, 0.5):
         k, q, k2, q2, c = (torch.nn.Parameter(torch.zeros(64)) for _ in range(5))
-        opts = [RoutedAdamW([k, q], partner={k: q, q: k}, lr=0.01), torch.optim.AdamW([k2, q2], lr=0.01, weight_decay=0.0),
+        opts = [RoutedAdamW([k, q], partner={k: q, q: k}, lr=0.01),
+                torch.optim.AdamW([k2, q2], lr=0.01, weight_decay=0.0),
                 torch.optim.AdamW([c], lr=0.01, weight_decay=0.0)]
         for _ in range(20):
             g = torch.randn(64) + 1.0
             k.grad, q.grad, k2.grad, q2.grad, c.grad = (1 - f) * g, f * g, (1 - f) * g, f * g, g.clone()
             [o.step() for o in opts]
-        ratio = lambda a, b: (a.abs().mean() / b.abs().mean()).item()
-        print(f"f {f:.2f}: |s_quar|/|s_keep| routed {ratio(q, k):.3f}, AdamW {ratio(q2, k2):.3f}; "
+        print(f"f {f:.2f}: |s_quar|/|s_keep| routed {_ratio(q, k):.3f}, AdamW {_ratio(q2, k2):.3f}; "
               f"|keep - AdamW(g)| {(k - c).abs().max().item() if f == 0 else float('nan'):.1e}")
-        assert abs(ratio(q, k) - f / (1 - f)) < 1e-3 and (f > 0 or torch.equal(k, c))
+        assert abs(_ratio(q, k) - f / (1 - f)) < 1e-3 and (f > 0 or torch.equal(k, c))
