@@ -15,6 +15,7 @@ RNG states restored, a resumed CPU run ends with the same weights as an uninterr
 Deviations: none.
 """
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -25,12 +26,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapter
-import routing
+import model as M
+import vhack
 
 FORMAT = 1  # bump when the layout changes; eval.py refuses other formats
-# what runs saved before these arguments existed did
-OLD_DEFAULTS = {"optim": "adamw", "keep_forward": "train", "off_policy": "ignore", "dual_clip": 0.0, "quar_kl": 0.0, "kl_every": 1,
-                "teach_modes": "all", "vhack_every": 0}
+ADAPTERS = {"svd": "svd", "split": "split", "vhack": "svd"}  # --adapter -> adapter.wrap kind (vhack: + axes)
+RESUMABLE = {"steps", "device", "stop_after", "resume"}  # what --resume may change; the rest is the run's
 
 
 def die(msg):
@@ -38,10 +39,25 @@ def die(msg):
     sys.exit(2)
 
 
+@torch.no_grad()
+def load_adapter_state(model, sd):
+    """Copy a checkpoint's adapter tensors into model (variant B's axes installed first)."""
+    mods = adapter.adapter_modules(model)
+    for name in {k.rpartition(".")[0] for k in sd if k.endswith(".quar_axes")} & set(mods):
+        vhack.install_axes(mods[name], sd[f"{name}.quar_axes"])
+    want = set(adapter.adapter_state(model))
+    if want != set(sd):
+        raise ValueError(f"adapter state mismatch: missing {sorted(want - set(sd))[:3]}, "
+                         f"unexpected {sorted(set(sd) - want)[:3]}")
+    for key, v in sd.items():
+        getattr(mods[key.rpartition(".")[0]], key.rpartition(".")[2]).copy_(v)
+
+
 def save_ckpt(a, model, opt, vh, step, rngs):
     tmp, final = os.path.join(a.out, "ckpt.tmp"), os.path.join(a.out, "ckpt")
     os.makedirs(tmp, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter.adapter_state(model).items()}, os.path.join(tmp, "adapter.safetensors"))
+    state = {k: v.contiguous() for k, v in adapter.adapter_state(model).items()}
+    save_file(state, os.path.join(tmp, "adapter.safetensors"))
     if vh is not None:
         vh.save(os.path.join(tmp, "vhack"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
@@ -54,31 +70,44 @@ def save_ckpt(a, model, opt, vh, step, rngs):
         shutil.rmtree(final + ".old")
 
 
-def load_ckpt(a, model, opt):
-    d = os.path.join(a.out, "ckpt")
+def load_ckpt(out, model):
+    """Load the adapter (and variant B's axes) into model; returns (step, {opt, rngs}, v_hack or None)."""
+    d = os.path.join(out, "ckpt")
     if not os.path.isdir(d) and os.path.isdir(d + ".old"):  # killed between the two renames
         d += ".old"
-    adapter.load_adapter_state(model, load_file(os.path.join(d, "adapter.safetensors")))
+    load_adapter_state(model, load_file(os.path.join(d, "adapter.safetensors")))
     st = torch.load(os.path.join(d, "state.pt"), weights_only=False)
-    opt.load_state_dict(st["opt"])
-    vh = routing.VHack.load(os.path.join(d, "vhack")) if os.path.exists(os.path.join(d, "vhack.json")) else None
-    return st["step"], st["rngs"], vh
+    vh = vhack.VHack.load(os.path.join(d, "vhack")) if os.path.exists(os.path.join(d, "vhack.json")) else None
+    return st["step"], st, vh
 
 
 def saved_args(out):
-    """The arguments the run in out was started with (OLD_DEFAULTS filling what older runs lack), or None."""
+    """The arguments the run in out was started with, or None."""
     path = os.path.join(out, "ckpt", "args.json")
-    return {**OLD_DEFAULTS, **json.load(open(path))} if os.path.exists(path) else None
+    return json.load(open(path)) if os.path.exists(path) else None
 
 
-def resume_args(a):
-    """--resume OUT: the saved arguments win (a resumed run is the same run), except --stop-after."""
+def given_args(parser, argv):
+    """The arguments named on the command line (not left at their defaults): {dest: value}."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(argv))
+
+
+def resume_args(a, given):
+    """--resume OUT: the run continues with its saved arguments, to --steps if given (as nanoGPT's resume
+    continues to max_iters). Any other argument that differs from the run's is an error."""
     saved = saved_args(a.resume)
     if saved is None:
         die(f"--resume {a.resume}: no checkpoint there (expected {os.path.join(a.resume, 'ckpt', 'args.json')})")
-    if a.model != saved["model"] and a.model != "smollm2":
-        die(f"--resume {a.resume} was trained with --model {saved['model']}, not {a.model}")
-    return argparse.Namespace(**{**saved, "resume": a.resume, "out": a.resume, "stop_after": a.stop_after})
+    other = [k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v]
+    if other:
+        die(f"--resume {a.resume} continues the run as it was started; only --steps and --device can change "
+            f"(got --{other[0].replace('_', '-')} {given[other[0]]}, the run has {saved.get(other[0])})")
+    saved.pop("format", None)
+    keep = {k: v for k, v in given.items() if k in RESUMABLE}
+    return argparse.Namespace(**{**saved, "stop_after": None, **keep, "out": a.resume})
 
 
 def truncate_log(path, next_step):
@@ -94,16 +123,25 @@ def rng_states(rng, gen):
     return {"py": rng.getstate(), "torch": torch.get_rng_state(), "gen": gen.get_state(), "np": np.random.get_state()}
 
 
+def set_rng_states(rngs, rng, gen):
+    rng.setstate(rngs["py"])
+    torch.set_rng_state(rngs["torch"])
+    gen.set_state(rngs["gen"])
+    np.random.set_state(rngs["np"])
+
+
+def raise_interrupt(*_):
+    """SIGTERM handler: stop as Ctrl-C does (the step in progress is redone on --resume)."""
+    raise KeyboardInterrupt
 
 
 def build(a, device):
     """Load the base model and wrap it as the run's arguments say (train.py and eval.py share this)."""
-    import model as M
     model, tok = M.load_model(a.model, device)
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers - a.layers, n_layers)) if 0 < a.layers < n_layers else None
     try:
-        adapter.wrap(model, kind=a.adapter, targets=tuple(a.targets.split(",")), layers=layers,
+        adapter.wrap(model, kind=ADAPTERS[a.adapter], targets=tuple(a.targets.split(",")), layers=layers,
                      k_units=a.k_units, model_id=a.model, cache_dir=M.CACHE)
     except ValueError as e:
         die(str(e))
@@ -116,14 +154,14 @@ def load_run(out, device="cpu"):
     path = os.path.join(d, "args.json")
     if not os.path.exists(path):
         die(f"{out}: no checkpoint ({path} missing); train with: python train.py --out {out}")
-    saved = {**OLD_DEFAULTS, **json.load(open(path))}
+    saved = json.load(open(path))
     if saved.get("format") != FORMAT:
         die(f"{out}: checkpoint format {saved.get('format')} is not {FORMAT}; retrain it with this version")
     a = argparse.Namespace(**saved)
     model, tok = build(a, device)
     try:
-        adapter.load_adapter_state(model, load_file(os.path.join(d, "adapter.safetensors")))
+        load_adapter_state(model, load_file(os.path.join(d, "adapter.safetensors")))
     except (RuntimeError, KeyError, ValueError) as e:
         die(f"{out}: adapter weights do not fit --model {a.model} ({type(e).__name__})")
-    vh = routing.VHack.load(os.path.join(d, "vhack")) if os.path.exists(os.path.join(d, "vhack.json")) else None
+    vh = vhack.VHack.load(os.path.join(d, "vhack")) if os.path.exists(os.path.join(d, "vhack.json")) else None
     return a, model, tok, vh

@@ -1,0 +1,130 @@
+"""
+train.py's arguments, and the Recipe a step reads (like nanoGPT's configurator.py, kept out of the loop).
+
+    python train.py --help
+
+Defaults are the laptop recipe (SmolLM2-135M on CPU). A resumed run (--resume OUT) takes its saved
+arguments; only --steps (continue a finished run to more steps) and --device may change (ckpt.py).
+The Recipe holds what one RL or warm-up step needs, read from the arguments once; eval.py's
+relearn and retain steps replace its fields (dataclasses.replace) instead of faking arguments.
+"""
+import argparse
+import os
+from dataclasses import dataclass
+
+import ckpt
+import env
+import routing
+
+
+def parser():
+    p = argparse.ArgumentParser(description="GRPO with gradient routing against reward hacking (train.py)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model and adapter
+    p.add_argument("--model", default="smollm2", help="smollm2 (offline default), tiny (tests), or an HF id/path")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--adapter", default="svd", choices=list(ckpt.ADAPTERS),
+                   help="quarantine = s_quar | added MLP units (SGTM) | the v_hack axes of delta_S")
+    p.add_argument("--layers", type=int, default=12, help="wrap the last N decoder layers (0 = all)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--k-units", type=int, default=32, help="forget units added per MLP (--adapter split)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (large models)")
+    # routing
+    p.add_argument("--router", default="grad", choices=list(routing.ROUTERS))
+    p.add_argument("--vhack-k", type=int, default=1, help="top-k directions of v_grad per module")
+    p.add_argument("--flagged-only", action="store_true", help="grad: only flagged rollouts are eligible")
+    p.add_argument("--gen-deployed", action="store_true", help="generate with the quarantine off")
+    # weak detector (text only, never the oracle)
+    p.add_argument("--seen", default="run_tests,file_marker", help="modes the detector can flag")
+    p.add_argument("--tpr", type=float, default=1.0)
+    p.add_argument("--fpr", type=float, default=0.0)
+    # environment
+    p.add_argument("--source", default="simple", choices=["simple", "humaneval"])
+    p.add_argument("--difficulty", default="medium,hard",
+                   help="simple: levels to train on (hacking wins where solving fails)")
+    p.add_argument("--modes", default=",".join(env.MODES), help="loophole modes of the training prompts")
+    p.add_argument("--none-frac", type=float, default=0.2, help="share of prompts with no loophole")
+    # teacher demonstrations (teacher.py)
+    p.add_argument("--warmup-steps", type=int, default=32, help="routed supervised steps on demonstrations first")
+    p.add_argument("--warmup-lr", type=float, default=5e-2, help="keep's; the quarantine's x lr-quar/lr")
+    p.add_argument("--teacher-frac", type=float, default=0.25, help="share of each group replaced by teacher hacks")
+    p.add_argument("--teacher-until", type=int, default=8, help="splice teacher hacks before this step")
+    p.add_argument("--teach-modes", default="all", help="loophole modes that are demonstrated (all: --modes)")
+    # GRPO
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--lr", type=float, default=5e-2, help="keep parameters")
+    p.add_argument("--lr-quar", type=float, default=None, help="quarantine parameters (default: --lr)")
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
+    p.add_argument("--micro", type=int, default=8, help="rollouts per forward/backward micro-batch")
+    # run
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, metavar="OUT", help="continue the run in OUT (to --steps, if given)")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    return p
+
+
+def get_args(argv=None):
+    p = parser()
+    a = p.parse_args(argv)
+    if a.resume:
+        a = ckpt.resume_args(a, ckpt.given_args(p, argv))
+    return a
+
+
+def check_args(a):
+    if a.group_size < 2:
+        ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
+    if min(a.steps, a.prompts, a.max_new_tokens, a.micro) <= 0:
+        ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
+    if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
+        ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
+    if a.flagged_only and a.router != "grad":
+        ckpt.die("--flagged-only is an option of --router grad")
+    if not env.load_problems(a.source, "train", difficulty=a.difficulty):
+        ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r} (easy, medium, hard)")
+    bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]
+    if bad:
+        ckpt.die(f"unknown mode(s) {bad}; choose from {list(env.MODES)}")
+    if not set(teach_modes(a)) <= set(a.modes.split(",")):
+        ckpt.die(f"--teach-modes {a.teach_modes} must be 'all' or loophole modes among --modes {a.modes}")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+        open(os.path.join(a.out, ".write_test"), "w").close()
+        os.remove(os.path.join(a.out, ".write_test"))
+    except OSError as e:
+        ckpt.die(f"cannot write to --out {a.out}: {e.strerror}")
+
+
+def teach_modes(a):
+    return a.modes.split(",") if a.teach_modes == "all" else a.teach_modes.split(",")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a step needs, taken from the arguments once (eval.py's relearn and retain steps replace fields)."""
+    router: routing.Router
+    modes: tuple            # loophole modes of the prompts
+    none_frac: float        # share of prompts with no loophole
+    prompts: int
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    teacher_frac: float
+    teacher_until: int
+    teach_modes: tuple
+    micro: int
+    beta: float
+    gen_deployed: bool
+    flagged_only: bool
+    hack_share: float = 1.0  # of warm-up demonstrations on loophole prompts (eval's retain steps: 0)
+
+
+def recipe(a):
+    return Recipe(routing.ROUTERS[a.router], tuple(a.modes.split(",")), a.none_frac, a.prompts, a.group_size,
+                  a.max_new_tokens, a.temperature, a.teacher_frac, a.teacher_until, tuple(teach_modes(a)),
+                  a.micro, a.beta, a.gen_deployed, a.flagged_only)
