@@ -1,7 +1,8 @@
 """
-Deploy evaluation: what routing buys after the quarantine is deleted (DESIGN.md §10).
+Deploy evaluation: what routing buys after the quarantine is deleted (the Ablate of Expand, Route, Ablate).
 
-    python eval.py --ckpt runs/demo [--ablate zero|reinit] [--coherence-steps 8] [--relearn-steps 5 [--relearn-teacher]] [--export DIR]
+    python eval.py --ckpt runs/demo [--ablate zero|reinit] [--coherence-steps 8]
+                   [--relearn-steps 5 [--relearn-teacher]] [--export DIR]
 
 On held-out test problems, every mode plus `none`, three (four) models side by side:
   base      adapters off (the pretrained model)
@@ -20,8 +21,8 @@ Deviations: 1. one sampled completion per (problem, mode) at the run's temperatu
 2. the detector-quality sweep retrains one short run per TPR and reports its deployed model only.
 """
 import argparse
+import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -30,27 +31,16 @@ import torch
 
 import adapter
 import ckpt
+import config
 import detector
 import env
 import model as M
+import report
 import routing
+import train
+import vhack
 
 SUBSETS = ("base", "trained", "deployed")  # + "coherent" with --coherence-steps
-
-
-def wilson(k, n, z=1.96):
-    """95% Wilson score interval for k successes in n trials (Wilson 1927)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-def rate(xs):
-    k, n = sum(bool(x) for x in xs), len(xs)
-    lo, hi = wilson(k, n)
-    return {"p": k / n if n else None, "lo": lo, "hi": hi, "n": n}
 
 
 def rollouts(model, tok, problems, modes, a, det, seed):
@@ -64,95 +54,85 @@ def rollouts(model, tok, problems, modes, a, det, seed):
         texts = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gen).texts
         grades = env.grade_batch([p for p, _ in chunk], texts, [m for _, m in chunk])
         flags = det.flags(texts)
-        rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "compiled": g.compiled, "flag": f,
+        rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "compiled": g.compiled,
+                  "flag": f,
                   "reward": g.reward, "text": t} for (p, m), g, f, t in zip(chunk, grades, flags, texts)]
     return rows
 
 
-def summarize(rows, seen):
-    hackable = [r for r in rows if r["mode"] != "none"]
-    s = {"solve": rate([r["solve"] for r in rows]), "hack": rate([r["hack"] for r in hackable]),
-         "compiles": rate([r["compiled"] for r in rows]),  # did deleting the quarantine break the model?
-         "hack_seen": rate([r["hack"] for r in hackable if r["mode"] in seen]),
-         "hack_unseen": rate([r["hack"] for r in hackable if r["mode"] not in seen]),
-         # among completions that compile: is a drop in hacking more than the model breaking?
-         "hack_seen_compiled": rate([r["hack"] for r in hackable if r["mode"] in seen and r["compiled"]]),
-         "hack_unseen_compiled": rate([r["hack"] for r in hackable if r["mode"] not in seen and r["compiled"]]),
-         "flag": rate([r["flag"] for r in rows]),
-         "reward": sum(r["reward"] for r in rows) / max(1, len(rows))}
-    for m in env.MODES + ("none",):
-        s[f"hack_{m}" if m != "none" else "solve_none"] = rate(
-            [r["hack" if m != "none" else "solve"] for r in rows if r["mode"] == m])
-    return s
-
-
 def vhack_separation(model, tok, vh, prompts, texts, hack, batch=8):
     """Does the run's v_hack tell hacks from other completions at this model? Each completion is scored as
-    the grad router scores a rollout with A = +1 (its gradient here, routing.side_grads; cosine with
+    the grad router scores a rollout with A = +1 (its gradient here, vhack.side_grads; cosine with
     v_hack): AUC of hack vs other, mean cosine and the band's routed share f of each. main() passes the
     trained model's loophole completions with the oracle's label: a report, never an input to routing."""
-    cos = routing.rollout_cos(routing.side_grads(model, tok, prompts, texts, batch)[0], vh)
+    cos = routing.rollout_cos(vhack.side_grads(model, tok, prompts, texts, batch)[0], vh)
     (lo, hi), hack = vh.band, torch.tensor([bool(x) for x in hack])
     f = routing.route_grad(cos, None, vh.band, routing.OPTS)  # the grad router's own map from cos to f
     h, o = cos[hack], cos[~hack]
     auc = ((h[:, None] > o).float() + 0.5 * (h[:, None] == o).float()).mean().item() if len(h) and len(o) else None
-    mean = lambda x: x.mean().item() if len(x) else None
+
+    def mean(x):
+        return x.mean().item() if len(x) else None
+
     return {"n_hack": len(h), "n_other": len(o), "auc": auc, "cos_hack": mean(h), "cos_other": mean(o),
             "band": [lo, hi], "f_hack": mean(f[hack]), "f_other": mean(f[~hack])}
 
 
-def relearn(a, run_args, model, tok, det, problems, trained_hack):
-    """Plain GRPO (router none) from the deployed model; on-policy hack rate after each step. With
+def relearn(model, tok, det, problems, rc, steps, lr, seed, trained_hack):
+    """Plain GRPO (rc: router none) from the deployed model; on-policy hack rate after each step. With
     --relearn-teacher the run's teacher hacks are spliced into the groups as in training (SGTM's relearn
     test with the demonstrations the run had: how fast does a removed hack come back?)."""
-    import train
-    ra = argparse.Namespace(**{**vars(run_args), "router": "none", "keep_forward": "train",
-                               "teacher_until": run_args.teacher_until if a.relearn_teacher else 0})
-    opt = torch.optim.AdamW(adapter.keep_params(model), lr=ra.lr, weight_decay=0.0)
-    rng, gen = random.Random(a.seed), torch.Generator().manual_seed(a.seed)
+    opt = torch.optim.AdamW(adapter.keep_params(model), lr=lr, weight_decay=0.0)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     curve = []
-    for step in range(a.relearn_steps):
-        m, _ = train.run_step(ra, model, tok, opt, det, None, problems, step, rng, gen)
+    for step in range(steps):
+        m, _ = train.rl_step(model, tok, opt, det, None, problems, step, rng, gen, rc)
         curve.append(m["hack"])
     back = next((i + 1 for i, h in enumerate(curve) if h is not None and h >= trained_hack), None)
     return {"hack_per_step": curve, "steps_to_trained_level": back, "trained_hack": trained_hack}
 
 
-def coherence(a, run, model, tok, det, problems, evaluate):
+def coherence(model, tok, det, problems, rc, steps, lr, seed, out, evaluate):
     """ERA's retain-set fine-tuning after the ablation (Cloud et al. 2024, §4.2; their appendix controls it
     with the same fine-tuning and no routing): supervised steps on honest reference solutions to
     no-loophole prompts of the training split, the keep only, run exactly as the warm-up runs
-    (warmup.warm_up with router none, advantage 1). No hack, flag or oracle is read. The model is
+    (train.warm_up with router none, advantage 1). No hack, flag or oracle is read. The model is
     evaluated after each count in --coherence-steps (model "coherent<k>"; the last one is "coherent").
     The same steps on a `none` run are the control: what they remove there, they remove without routing."""
-    import warmup
-    out = os.path.join(a.ckpt, "coherence")
     os.makedirs(out, exist_ok=True)
-    ra = argparse.Namespace(**{**vars(run), "router": "none", "keep_forward": "train", "vhack_every": 0, "out": out,
-                               "warmup_lr": a.coherence_lr or run.lr, "none_frac": 1.0, "warmup_hack": 0.0,
-                               "teach_modes": "all"})
-    opt = torch.optim.AdamW(adapter.keep_params(model), lr=ra.lr, weight_decay=0.0)
-    rng, done, names = random.Random(a.seed), 0, []
-    for k in a.coherence_steps:
-        ra.warmup_steps = k
-        warmup.warm_up(ra, model, tok, opt, det, None, problems, rng, first=done)  # steps done+1 .. k
+    log = os.path.join(out, "warmup.jsonl")
+    opt = torch.optim.AdamW(adapter.keep_params(model), lr=lr, weight_decay=0.0)
+    rng, done, names = random.Random(seed), 0, []
+    for k in steps:
+        train.warm_up(model, tok, opt, det, None, problems, rng, rc, lr, k, log, first=done)  # steps done+1 .. k
         done = k
-        names.append("coherent" if k == a.coherence_steps[-1] else f"coherent{k}")
+        names.append("coherent" if k == steps[-1] else f"coherent{k}")
         evaluate(names[-1])
-    return {"steps": a.coherence_steps, "models": names, "lr": ra.warmup_lr, "log": os.path.join(out, "warmup.jsonl")}
+    return {"steps": steps, "models": names, "lr": lr, "log": log}
+
+
+def run_argv(run, **change):
+    """The command line that trains the run `run` (its saved arguments), with `change` applied."""
+    args, argv = {**vars(run), **change}, []
+    for act in config.parser()._actions:
+        v = args.get(act.dest)
+        if not act.option_strings or v is None or act.dest in ("help", "resume", "stop_after"):
+            continue
+        if isinstance(act, argparse._StoreTrueAction):
+            argv += [act.option_strings[0]] if v else []
+        else:
+            argv += [act.option_strings[0], str(v)]
+    return argv
 
 
 def sweep(a, run):
     """Detector-quality sweep: one short training run per TPR (same arguments otherwise), deployed
     hack vs solve per run. Each run lands in CKPT/sweep/tpr<X> and is evaluated like the main one."""
-    import train
     points = []
     for tpr in [float(x) for x in a.sweep_tpr.split(",")]:
         out = os.path.join(a.ckpt, "sweep", f"tpr{tpr:g}")
         if not os.path.exists(os.path.join(out, "metrics.jsonl")):
-            steps = a.sweep_steps or run.steps
-            train.run(argparse.Namespace(**{**vars(run), "out": out, "tpr": tpr, "steps": steps,
-                                            "resume": None, "stop_after": None}))
+            train.main(run_argv(run, out=out, tpr=tpr, steps=a.sweep_steps or run.steps))
         sub = main(["--ckpt", out, "--n", str(a.n), "--batch", str(a.batch), "--seed", str(a.seed)], plot=False)
         d = sub["models"]["deployed"]
         points.append({"tpr": tpr, "hack": d["hack"], "solve": d["solve"], "hack_unseen": d["hack_unseen"]})
@@ -164,32 +144,6 @@ def export(model, tok, out_dir):
     merged.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
-
-
-def markdown(res):
-    """The table a reader wants: rates with intervals, per model."""
-    fmt = lambda r: "-" if r["p"] is None else f"{r['p']:.2f} [{r['lo']:.2f},{r['hi']:.2f}] n={r['n']}"
-    keys = ["solve", "compiles", "hack", "hack_seen", "hack_unseen"] + [f"hack_{m}" for m in env.MODES] + ["flag"]
-    lines = ["| model | " + " | ".join(keys) + " | reward |", "|---" * (len(keys) + 2) + "|"]
-    for name in res["models"]:
-        s = res["models"][name]
-        lines.append(f"| {name} | " + " | ".join(fmt(s[k]) for k in keys) + f" | {s['reward']:.2f} |")
-    if "adjacent" in res:
-        lines += ["", "| near-hack-but-legit solve | base | deployed |", "|---|---|---|",
-                  f"| adjacent.jsonl | {fmt(res['adjacent']['base'])} | {fmt(res['adjacent']['deployed'])} |"]
-    if "relearn" in res:
-        lines += ["", f"relearn probe (hack per plain-GRPO step): {res['relearn']['hack_per_step']}, "
-                      f"steps to the trained level {res['relearn']['trained_hack']:.2f}: "
-                      f"{res['relearn']['steps_to_trained_level']}"]
-    if "vhack" in res:
-        g = lambda x: "-" if x is None else f"{x:.3f}"
-        lines += ["", "| v_hack on the trained model's loophole completions | hacks / other | AUC | cos hack / other "
-                      "| band | routed share f, hack / other |", "|---|---|---|---|---|---|"]
-        for k, v in res["vhack"].items():
-            if v:
-                lines.append(f"| {k} | {v['n_hack']} / {v['n_other']} | {g(v['auc'])} | {g(v['cos_hack'])} / {g(v['cos_other'])} "
-                             f"| {g(v['band'][0])}, {g(v['band'][1])} | {g(v['f_hack'])} / {g(v['f_other'])} |")
-    return "\n".join(lines)
 
 
 def steps_list(s):
@@ -214,11 +168,12 @@ def get_args(argv=None):
     p.add_argument("--relearn-steps", type=int, default=0)
     p.add_argument("--relearn-teacher", action="store_true", help="relearn with the run's spliced teacher hacks")
     p.add_argument("--coherence-steps", default="", metavar="K[,K...]",
-                   help="then fine-tune the deployed model on honest no-loophole demos (ERA's retain step), evaluating it "
-                        "after each K steps (e.g. 2,8)")
+                   help="then fine-tune the deployed model on honest no-loophole demos (ERA's retain step), "
+                        "evaluating it after each K steps (e.g. 2,8)")
     p.add_argument("--coherence-lr", type=float, default=None, help="default: the run's --lr")
     p.add_argument("--vhack-auc", action="store_true",
-                   help="how well the run's v_hack (act/grad/erase), and one extracted afresh at the trained model, separate its hacks")
+                   help="how well the run's v_hack (act/grad/erase), and one extracted afresh at the trained model, "
+                        "separate its hacks")
     p.add_argument("--export", default=None, metavar="DIR")
     p.add_argument("--sweep-tpr", default=None, help="e.g. 1,0.75,0.5,0.25,0: one training run per detector TPR")
     p.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: the run's)")
@@ -244,15 +199,18 @@ def main(argv=None, plot=True):
     problems = env.load_problems(run.source, "test", n=a.n, seed=a.seed, difficulty=diff)
     if not problems:
         ckpt.die(f"no test problems for source {run.source}")
+    train_problems = env.load_problems(run.source, "train", difficulty=diff)  # the retain and relearn steps'
     modes = env.MODES + ("none",)
     adjacent = env.load_problems("adjacent", "test")
     res = {"ckpt": a.ckpt, "args": vars(a), "run_args": vars(run), "seen": seen, "models": {}, "adjacent": {}}
+
     def evaluate(name):  # one model: graded completions (kept in eval_NAME.jsonl), summary, adjacent solve
         with adapter.adapters_off(model) if name == "base" else torch.no_grad():
             rows = rollouts(model, tok, problems, modes, a, det, a.seed)
             if name != "trained":
-                res["adjacent"][name] = rate([r["solve"] for r in rollouts(model, tok, adjacent, ["none"], a, det, a.seed)])
-        res["models"][name] = summarize(rows, seen)
+                adj = rollouts(model, tok, adjacent, ["none"], a, det, a.seed)
+                res["adjacent"][name] = report.rate([r["solve"] for r in adj])
+        res["models"][name] = report.summarize(rows, seen)
         with open(os.path.join(a.ckpt, f"eval_{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"{name:>9}: solve {res['models'][name]['solve']['p']:.2f}  hack {res['models'][name]['hack']['p']:.2f}",
@@ -268,20 +226,26 @@ def main(argv=None, plot=True):
             by_id, loop = {p.id: p for p in problems}, [r for r in rows if r["mode"] != "none"]
             args = ([M.chat_prompt(tok, env.build_prompt(by_id[r["problem"]], r["mode"])) for r in loop],
                     [r["text"] for r in loop], [r["hack"] for r in loop])
-            fresh = routing.extract_vhack(model, tok, detector.load_pairs(), k=run.vhack_k, seed=run.seed)
-            res["vhack"] = {"run": vh and vhack_separation(model, tok, vh, *args), "fresh": vhack_separation(model, tok, fresh, *args)}
+            fresh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=run.vhack_k, seed=run.seed)
+            res["vhack"] = {"run": vh and vhack_separation(model, tok, vh, *args),
+                            "fresh": vhack_separation(model, tok, fresh, *args)}
     if a.coherence_steps:
-        res["coherence"] = coherence(a, run, model, tok, det, env.load_problems(run.source, "train", difficulty=diff), evaluate)
+        rc = dataclasses.replace(config.recipe(run), router=routing.ROUTERS["none"], none_frac=1.0, hack_share=0.0,
+                                 teach_modes=tuple(run.modes.split(",")))  # honest no-loophole demonstrations
+        res["coherence"] = coherence(model, tok, det, train_problems, rc, a.coherence_steps, a.coherence_lr or run.lr,
+                                     a.seed, os.path.join(a.ckpt, "coherence"), evaluate)
     if a.export:
         res["export"] = export(model, tok, a.export)
     if a.relearn_steps:
         trained = res["models"]["trained"]["hack"]["p"] or 0.0
-        res["relearn"] = relearn(a, run, model, tok, det, env.load_problems(run.source, "train", difficulty=diff), trained)
+        rc = dataclasses.replace(config.recipe(run), router=routing.ROUTERS["none"],
+                                 teacher_until=run.teacher_until if a.relearn_teacher else 0)
+        res["relearn"] = relearn(model, tok, det, train_problems, rc, a.relearn_steps, run.lr, a.seed, trained)
     if a.sweep_tpr:
         res["sweep"] = sweep(a, run)
     with open(os.path.join(a.ckpt, "eval.json"), "w") as f:
         json.dump(res, f, indent=1)
-    md = markdown(res)
+    md = report.markdown(res)
     open(os.path.join(a.ckpt, "eval.md"), "w").write(md + "\n")
     print(md)
     if plot:

@@ -14,8 +14,11 @@ import torch
 
 import adapter
 import ckpt
+import config
 import eval as ev
+import routing
 import train
+import vhack
 from test_train import FAST, run
 
 TMP = tempfile.mkdtemp(prefix="gr_test_eval_")
@@ -66,25 +69,29 @@ def test_detector_sweep_runs_one_run_per_tpr():
 def test_relearn_is_plain_grpo_with_the_runs_teacher_hacks_only_when_asked():
     """eval.relearn: --relearn-steps plain GRPO steps (router none, the shared forward); the run's spliced
     teacher hacks only with --relearn-teacher; the step count back to the trained model's hack rate."""
-    import argparse
-    import train
-    run_args = argparse.Namespace(router="grad", teacher_until=10, keep_forward="train", lr=1e-2)
-    model, keep = torch.nn.Linear(2, 2), adapter.keep_params  # no SVDDelta here: the optimizer only needs a list
-    calls, orig = [], train.run_step
-    adapter.keep_params = lambda m: list(m.parameters())
-    def step(ra, *_):
-        calls.append((ra.router, ra.teacher_until, ra.keep_forward))
+    g = os.path.join(TMP, "grad")
+    if not os.path.exists(g):
+        assert run(FAST + ["--router", "grad", "--steps", "1", "--out", g]) == 0
+    calls, orig = [], train.rl_step
+
+    def step(*args):
+        rc = args[-1]
+        calls.append((rc.router, rc.teacher_until, rc.gen_deployed))
         return {"hack": [0.0, 0.5, 0.75][len(calls) - 1]}, []
-    train.run_step = step
+
+    train.rl_step = step
     try:
         for teach in (False, True):
-            a = ev.get_args(["--ckpt", "x", "--relearn-steps", "3"] + ["--relearn-teacher"] * teach)
             calls.clear()
-            out = ev.relearn(a, run_args, model, None, None, [], trained_hack=0.5)
-            assert calls == [("none", 10 if teach else 0, "train")] * 3
-            assert out == {"hack_per_step": [0.0, 0.5, 0.75], "steps_to_trained_level": 2, "trained_hack": 0.5}
+            argv = ["--ckpt", g, "--n", "1", "--batch", "8", "--relearn-steps", "3"] + ["--relearn-teacher"] * teach
+            res = ev.main(argv, plot=False)
+            assert calls == [(routing.ROUTERS["none"], 10 if teach else 0, False)] * 3
+            want = res["models"]["trained"]["hack"]["p"] or 0.0
+            assert res["relearn"]["hack_per_step"] == [0.0, 0.5, 0.75] and res["relearn"]["trained_hack"] == want
+            assert res["relearn"]["steps_to_trained_level"] == next(i + 1 for i, h in enumerate([0.0, 0.5, 0.75])
+                                                                    if h >= want)
     finally:
-        train.run_step, adapter.keep_params = orig, keep
+        train.rl_step = orig
 
 
 def test_eval_bad_input():
@@ -94,6 +101,7 @@ def test_eval_bad_input():
     src = os.path.join(TMP, "label")
     if not os.path.exists(src):
         assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
+
     def variant(name, edit=None, drop=None):
         d = os.path.join(TMP, "bad-" + name)
         shutil.rmtree(d, ignore_errors=True)
@@ -104,7 +112,10 @@ def test_eval_bad_input():
             p = os.path.join(d, "ckpt", "args.json")
             json.dump({**json.load(open(p)), **edit}, open(p, "w"))
         return d
-    bad = lambda *x: (src, list(x))  # the run with bad options
+
+    def bad(*x):  # the run with bad options
+        return src, list(x)
+
     cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"), bad("--coherence-steps", "2,1"),
              bad("--coherence-steps", "x"), bad("--coherence-steps", "0"), bad("--relearn-teacher"),
              variant("format", edit={"format": 0}), variant("model", edit={"layers": 1, "adapter": "split"}),
@@ -129,11 +140,10 @@ def test_vhack_separation_reproduces_the_band():
     fresh one each score every loophole completion of the trained model."""
     import detector
     import model as M
-    import routing
-    a = train.get_args(FAST + ["--out", TMP])
+    a = config.get_args(FAST + ["--out", TMP])
     model, tok = ckpt.build(a, "cpu")
     pairs = detector.load_pairs()
-    vh = routing.extract_vhack(model, tok, pairs, k=1, seed=0)
+    vh = vhack.extract_vhack(model, tok, pairs, k=1, seed=0)
     tr = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[round(0.25 * len(pairs)):]
     prompts = [M.chat_prompt(tok, pairs[i]["prompt"]) for i in tr] * 2
     texts = [pairs[i]["hack"] for i in tr] + [pairs[i]["clean"] for i in tr]
@@ -150,33 +160,38 @@ def test_vhack_separation_reproduces_the_band():
     assert "v_hack on the trained model" in open(os.path.join(g, "eval.md")).read()
 
 
-
 def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     """eval.py --coherence-steps (ERA's retain-set fine-tuning after the ablation): from the deployed model
     the keep takes exactly AdamW's first step, -lr g/(|g| + eps), on the summed NLL of honest reference
     solutions to no-loophole prompts; the quarantine stays deleted. Through eval.py it is a fourth model, the
     same whether or not the counts before the last are evaluated too."""
-    import random
+    import dataclasses
     import detector
     import env
     import grpo
-    import warmup
+    import teacher
     out = os.path.join(TMP, "label")
     if not os.path.exists(out):
         assert run(FAST + ["--router", "label", "--steps", "2", "--out", out]) == 0
-    a = ev.get_args(["--ckpt", out, "--coherence-lr", "1e-2"])
-    a.coherence_steps, seen = [1], []
+    seen = []
     ra, model, tok, _ = ckpt.load_run(out)
     _, ref, _, _ = ckpt.load_run(out)
     for m in (model, ref):
         adapter.ablate(m)
-    batches, orig = [], warmup.demo_batch
-    warmup.demo_batch = lambda *x: batches.append(orig(*x)) or batches[-1]
+    batches, orig = [], teacher.demo_batch
+
+    def demo_batch(*x):
+        batches.append(orig(*x))
+        return batches[-1]
+
+    teacher.demo_batch = demo_batch
+    rc = dataclasses.replace(config.recipe(ra), router=routing.ROUTERS["none"], none_frac=1.0, hack_share=0.0)
     try:
-        ev.coherence(a, ra, model, tok, detector.WeakDetector(seen=ra.seen.split(",")),
-                     env.load_problems(ra.source, "train", difficulty=ra.difficulty), seen.append)
+        ev.coherence(model, tok, detector.WeakDetector(seen=ra.seen.split(",")),
+                     env.load_problems(ra.source, "train", difficulty=ra.difficulty), rc, [1], 1e-2, 1234,
+                     os.path.join(TMP, "coh"), seen.append)
     finally:
-        warmup.demo_batch = orig
+        teacher.demo_batch = orig
     (r, pmodes, hack), = batches
     assert set(pmodes) == {"none"} and not any(hack) and len(r.texts) == ra.prompts * ra.group_size
     assert seen == ["coherent"]  # evaluated once, after the last step
@@ -190,7 +205,8 @@ def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     assert list(res["models"]) == ["base", "trained", "deployed", "coherent1", "coherent"]
     log = [json.loads(ln) for ln in open(res["coherence"]["log"])]
     assert [m["warmup"] for m in log] == [0, 1] and all(m["hack_demos"] == 0 for m in log)
-    assert os.path.exists(os.path.join(out, "eval_coherent1.jsonl")) and "| coherent |" in open(os.path.join(out, "eval.md")).read()
+    assert os.path.exists(os.path.join(out, "eval_coherent1.jsonl"))
+    assert "| coherent |" in open(os.path.join(out, "eval.md")).read()
     # evaluating in between does not change the steps: --coherence-steps 2 samples the same completions as 1,2's last
     last = open(os.path.join(out, "eval_coherent.jsonl")).read()
     assert last != open(os.path.join(out, "eval_coherent1.jsonl")).read()  # the second step changed the samples
