@@ -1,35 +1,29 @@
 """
-Where a GRPO step's time and memory go, per phase and per router (DESIGN.md §2, issue 7).
+Where a GRPO step's time and memory go, per phase and per router.
 
     python bench.py                        # SmolLM2, CPU: 16 rollouts x 200 tokens, every router (~7 min)
     python bench.py --quick                # 8 x 64, one round (~1 min);  --json: one JSON object
     python bench.py --model Qwen/Qwen3-4B  # CUDA when present: synchronised clocks, max_memory_allocated
 
-train.run_step's phases, clocked around the calls train.py makes: generate (M.generate, merged
+train.rl_step's phases, clocked around the calls train.py makes: generate (M.generate, merged
 weights re-merged after each update), grade (env.grade_batch), ref (token_logp, adapters_off),
 fwd (token_logp with entropy + grpo_loss in routing.Capture), bwd (loss.backward(): the capture
 hooks), route (Capture.route()), opt (optim.RoutedAdamW.step()). After a warm-up (one micro-batch), `--repeats`
 rounds of: ref, every router's fwd..opt (interleaved, so drift hits all alike), generate + grade.
 Timings are only as good as the machine is quiet: the CPU share other processes took is reported.
 
-FLOPs of the train phase (train_peak_fraction's numerator): every matmul, per position (tok =
-B (P + T)), per module with frozen weight W and delta_S factors U, Vh (full rank: U + Vh = 1.5 W
-in SmolLM2): ref 2 W; forward 2 (W + U + Vh); backward 2 (W + U + Vh) per wrapped layer, dL/dx
-only (no frozen W needs a weight gradient; s's, sum z * dh, is O(r)) but down to the FIRST
-wrapped layer, where q/k/v read an input needing no gradient: 2 U there (dh = dy U). Plus
-lm_head 3 * 2 V d B (T + 1) and attention 4 B n_h h_d (P + T)^2 a layer forward, 2x backward.
-Not the usual 6 N tok; test_train.py checks the linear part against torch.utils.flop_counter. Peak:
-the best (2048, 2048) @ (2048, 2048) torch.mm in the model's dtype, in the same process.
+train_peak_fraction = the train phase's FLOPs (an analytic count, not the usual 6 N tok) / its
+seconds / the matmul peak measured in the same process: both in flops.py, whose docstring derives the count.
 
 Deviations from train.py's step:
   1. The train phases run on FIXED teacher-forced rollouts (teacher demos concatenated and cut to
      exactly T tokens, random advantages, detector flags): every router does identical work.
      generate and grade run on sampled completions of the same prompts.
-  2. train_update's loop restated with clocks between its calls (iters 1, beta 0: the defaults),
+  2. routed_update's loop restated with clocks between its calls (beta 0: the default),
      without its kl/logp/entropy sums and isfinite guards; one ref forward serves every router.
      `plain` (--routers ...,plain) is no router: autograd without Capture, the floor for capture.
 
-Shapes: B rollouts = prompts * G, P prompt tokens, T completion tokens, V vocab, d hidden.
+Shapes: B rollouts = prompts * G, P prompt tokens, T completion tokens.
 """
 import argparse
 import contextlib
@@ -46,13 +40,16 @@ import torch
 
 import adapter
 import ckpt
+import config
 import detector
 import env
+import flops
 import grpo
 import model as M
+import optim
 import routing
 import train
-import update
+import vhack
 
 PHASES = ("generate", "grade", "ref", "fwd", "bwd", "route", "opt")
 TARGETS = {"backward_ratio": 1.15, "grade_fraction": 0.10, "startup_s": 15.0, "train_peak_fraction": 0.40}
@@ -87,7 +84,7 @@ def get_args(argv=None):
     return a
 
 
-# ---------------------------------------------------------------- clocks, memory, the machine's peak
+# ---------------------------------------------------------------- clocks, memory, the machine's load
 @contextlib.contextmanager
 def clock(t, key, device):
     """t[key] += wall seconds of the block (CUDA: synchronised on both sides)."""
@@ -97,6 +94,7 @@ def clock(t, key, device):
     yield
     cuda and torch.cuda.synchronize()
     t[key] = t.get(key, 0.0) + time.perf_counter() - t0
+
 
 def peak_mb(device, reset=False):
     """Peaks since the last reset, MB: (RSS high-water mark VmHWM, CUDA max_memory_allocated or None)."""
@@ -109,36 +107,11 @@ def peak_mb(device, reset=False):
     rss = int(m.group(1)) / 1024 if (m := re.search(r"VmHWM:\s+(\d+)", st)) else float("nan")
     return rss, torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
+
 def cpu_s():
     """(busy CPU-seconds of the machine: /proc/stat's all but idle and iowait; of this process and children)."""
     f = [int(x) for x in open("/proc/stat").readline().split()[1:8]] if os.path.exists("/proc/stat") else [0] * 7
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
-
-def matmul_peak(device, dtype, n=2048, reps=5):
-    """Best FLOP/s of one (n, n) @ (n, n) torch.mm in the model's dtype: this machine's ceiling."""
-    x, t = torch.randn(n, n, device=device, dtype=dtype), {}
-    for i in range(reps + 1):  # i = 0: warm-up
-        with clock(t, i, device):
-            torch.mm(x, x)
-    return 2 * n**3 / min(t[i] for i in range(1, reps + 1))
-
-def train_flops(model, B, P, T):
-    """Matmul FLOPs of one train phase, the module docstring's count -> (linear, attention)."""
-    c, tok, L = model.config, B * (P + T), P + T
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attn = 4 * B * c.num_attention_heads * hd * L * L                         # one layer's forward
-    first = min(int(n.split(".")[2]) for n in adapter.adapter_modules(model, adapter.SVDDelta))
-    lin, att = 3 * 2 * c.vocab_size * c.hidden_size * B * (T + 1), 0           # lm_head
-    for i, layer in enumerate(model.model.layers):
-        for n, m in layer.named_modules():
-            delta = isinstance(m, adapter.SVDDelta)
-            if not delta and (not isinstance(m, torch.nn.Linear) or n.endswith("base")):
-                continue  # not a linear, or the frozen base inside a delta
-            W, U, Vh = (m.base.weight.numel(), m.U.numel(), m.Vh.numel()) if delta else (m.weight.numel(), 0, 0)
-            bwd = 0 if i < first else U if i == first and n.endswith(("q_proj", "k_proj", "v_proj")) else W + U + Vh
-            lin += 2 * (W + (W + U + Vh) + bwd) * tok                          # ref, forward, backward
-        att += attn * (2 + 2 * (i >= first))
-    return lin, att
 
 
 # ---------------------------------------------------------------- one step, phase by phase
@@ -146,7 +119,7 @@ def fixed_batch(a, tok, probs, pmodes, device):
     """B teacher-forced rollouts of exactly T completion tokens (demos concatenated, cut; no padding)."""
     rng, n = random.Random(0), a.tokens // 20 + 2  # demos are 35-60 tokens: enough to cut T from
     texts = ["\n".join(env.teacher_completion(p, m if m != "none" else env.MODES[i % 4], ("clean", "hack")[(i + j) % 2],
-                                               rng) for j in range(n)) for i, (p, m) in enumerate(zip(probs, pmodes))]
+                                              rng) for j in range(n)) for i, (p, m) in enumerate(zip(probs, pmodes))]
     r = M.encode(tok, [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in zip(probs, pmodes)], texts, device)
     assert r.completion_mask.sum(1).min() > a.tokens                              # no padding in (B, T)
     ids = r.completion_ids[:, :a.tokens]                                          # (B, T)
@@ -155,25 +128,27 @@ def fixed_batch(a, tok, probs, pmodes, device):
     rewards = torch.randn(len(probs), generator=torch.Generator().manual_seed(0))  # every group active
     return r, grpo.group_advantages(rewards, a.group_size).to(device), flags
 
+
 def ref_phase(a, model, r, device):
-    """The k3 reference, as update.train_update computes it -> ([(b, T)] per micro-batch, seconds)."""
+    """The k3 reference, as train.routed_update computes it -> ([(b, T)] per micro-batch, seconds)."""
     t = {}
     with clock(t, "ref", device), torch.no_grad(), adapter.adapters_off(model):
-        ref = [grpo.token_logp(model, update.subset(r, rows)) for rows in torch.arange(len(r.texts)).split(a.micro)]
+        ref = [grpo.token_logp(model, train.subset(r, rows)) for rows in torch.arange(len(r.texts)).split(a.micro)]
     return ref, t["ref"]
 
+
 def train_phases(a, model, opt, r, adv, flags, vh, ref, router, device):
-    """update.train_update's calls after the reference (iters 1, beta 0), clocked -> {phase: s}."""
+    """train.routed_update's calls after the reference (beta 0), clocked -> {phase: s}."""
     t, B = {}, len(r.texts)
     mbs, norm = torch.arange(B).split(a.micro), a.prompts * a.group_size * a.tokens  # Dr.GRPO norm
     opt.zero_grad(set_to_none=True)
-    cap = None if router == "plain" else routing.Capture(model, n_rollouts=B, router=router, vhack=vh,
-                                                          flags=flags, opts={"flagged_only": False})
+    cap = None if router == "plain" else routing.Capture(model, n_rollouts=B, router=routing.ROUTERS[router],
+                                                         vhack=vh, flags=flags)
     with cap or contextlib.nullcontext():
         for j, rows in enumerate(mbs):
             with clock(t, "fwd", device):
                 cap and cap.rows(rows)
-                sub = update.subset(r, rows)
+                sub = train.subset(r, rows)
                 logp, ent = grpo.token_logp(model, sub, 1.0, with_entropy=True)    # (b, T)
                 mask = sub.completion_mask.float()
                 loss = grpo.grpo_loss(logp, logp.detach(), adv[rows], mask, norm, ref[j], 0.0).sum()
@@ -197,18 +172,20 @@ def startup(a, device):
     inside, total = json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
     return {"total": total, "other": total - inside["load_wrap"] - inside["v_hack"], **inside}
 
+
 def setup(a, device):
     """Model, v_hack, optimizer and prompts, built as train.py builds them; clocks of the first two."""
-    ta, t = train.get_args(["--model", a.model, "--prompts", str(a.prompts), "--group-size", str(a.group_size)]), {}
+    ta, t = config.get_args(["--model", a.model, "--prompts", str(a.prompts), "--group-size", str(a.group_size)]), {}
     with clock(t, "load_wrap", device):
         model, tok = ckpt.build(ta, device)
     a.grad_ckpt and model.gradient_checkpointing_enable()
     with clock(t, "v_hack", device):  # train.py's arguments, so train.py's cache entry
-        vh = routing.extract_vhack(model, tok, detector.load_pairs(), k=1, seed=0, cache_dir=M.CACHE) \
-            if {"act", "grad", "erase"} & set(a.routers.split(",")) else None
-    opt = train.make_optimizer(ta, model)
-    probs, pmodes = train.sample_batch(ta, env.load_problems("simple", "train"), random.Random(0))
+        vh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=1, seed=0, cache_dir=M.CACHE) \
+            if any(routing.ROUTERS[r].vhack for r in a.routers.split(",") if r != "plain") else None
+    opt = optim.make_optimizer(model, ta.lr, ta.lr_quar)
+    probs, pmodes = train.sample_batch(env.load_problems("simple", "train"), random.Random(0), config.recipe(ta))
     return model, tok, vh, opt, probs, pmodes, t
+
 
 def measure(a, device):
     """Warm-up, then `repeats` rounds -> ({router or 'generate': {phase: median s}}, peaks, shape)."""
@@ -218,7 +195,7 @@ def measure(a, device):
     prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in zip(probs, pmodes)]
     r, adv, flags = fixed_batch(a, tok, probs, pmodes, device)
     M.generate(model, tok, prompts[:2], 4, generator=gen)                         # warm-up
-    rw = update.subset(r, w := torch.arange(min(a.micro, len(probs))))             # one micro-batch
+    rw = train.subset(r, w := torch.arange(min(a.micro, len(probs))))             # one micro-batch
     train_phases(a, model, opt, rw, adv[w], flags[w], vh, ref_phase(a, model, rw, device)[0], routers[0], device)
     runs, mems, n_gen = {k: [] for k in routers + ["generate"]}, {k: [] for k in routers + ["generate"]}, []
     for i in range(a.repeats):
@@ -237,9 +214,11 @@ def measure(a, device):
     mem = {k: (max(m[0] for m in v), v[0][1] and max(m[1] for m in v)) for k, v in mems.items()}
     B, P, (busy, own) = r.completion_ids.shape[0], r.prompt_ids.shape[1], cpu_s()
     shape = {"B": B, "P": P, "T": a.tokens, "gen_tokens": statistics.median(n_gen), "dtype": str(model.dtype)[6:],
-             "flops": sum(train_flops(model, B, P, a.tokens)), "peak_flop_s": matmul_peak(device, model.dtype),
+             "flops": sum(flops.train_flops(model, B, P, a.tokens)),
+             "peak_flop_s": flops.matmul_peak(device, model.dtype),
              "others_cpu_frac": (busy - busy0 - own + own0) / (time.perf_counter() - wall0) / os.cpu_count()}
     return times, mem, shape
+
 
 def summarise(a, device, times, mem, shape, start):
     """One JSON-able dict: per-router phases and step, the headline ratios, the targets."""
@@ -264,6 +243,7 @@ def summarise(a, device, times, mem, shape, start):
                           "train_peak_fraction": frac[main] >= TARGETS["train_peak_fraction"]}
     return res
 
+
 def table(s):
     """The fixed-width report for people."""
     mb, st = s["peak_cuda_mb_by_phase"] or s["peak_rss_mb_by_phase"], s["startup"]
@@ -276,13 +256,14 @@ def table(s):
     L.append(f"generate {s['gen_tok_s']:.1f} tok/s ({s['gen_tokens']:.0f} sampled, peak {mb['generate']:.0f} MB) | "
              f"train {s['train_tok_s']:.1f} tok/s ({s['main_router']}) | grade {s['grade_per_s']:.1f} "
              f"completions/s, {100 * s['grade_fraction']:.1f}% of the step")
-    L.append(f"train phase {s['flops'] / 1e12:.2f} TFLOP (docstring count) at {s['main_router']}'s speed = "
+    L.append(f"train phase {s['flops'] / 1e12:.2f} TFLOP (flops.py's count) at {s['main_router']}'s speed = "
              f"{100 * s['train_peak_fraction']:.0f}% of the matmul peak, {s['peak_flop_s'] / 1e9:.0f} GFLOP/s")
     L.append(f"start-up, second run, fresh process: {st['total']:.1f} s = load & wrap {st['load_wrap']:.1f} + v_hack "
              f"{st['v_hack']:.1f} + interpreter, imports, problems {st['other']:.1f}")
-    L.append(f"peak RSS {s['peak_rss_mb']:.0f} MB | others (grading sandboxes too) took {100 * s['others_cpu_frac']:.0f}% "
-             f"of the CPUs{' (timings unreliable)' if s['others_cpu_frac'] > 0.1 else ''} | targets: " + ", ".join(
-        f"{k} {'ok' if ok else 'MISSED'}" for k, ok in s["targets_met"].items()))
+    warn = " (timings unreliable)" if s["others_cpu_frac"] > 0.1 else ""
+    L.append(f"peak RSS {s['peak_rss_mb']:.0f} MB | others (grading sandboxes too) took "
+             f"{100 * s['others_cpu_frac']:.0f}% of the CPUs{warn} | targets: "
+             + ", ".join(f"{k} {'ok' if ok else 'MISSED'}" for k, ok in s["targets_met"].items()))
     return "\n".join(L)
 
 
