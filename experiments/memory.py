@@ -28,7 +28,8 @@ import sys
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: adapter, routing, train are top-level modules
+# the repo root: adapter, routing, config are top-level modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import adapter  # noqa: E402
 import routing  # noqa: E402
 
@@ -73,7 +74,8 @@ def measure_layer_bytes(c, tokens=(128, 384), dtype=torch.bfloat16):
     total = []
     for n in tokens:
         seen.clear()
-        cap = routing.Capture(model, n_rollouts=1, router="label", vhack=None, flags=torch.ones(1, dtype=torch.bool))
+        cap = routing.Capture(model, n_rollouts=1, router=routing.ROUTERS["label"], vhack=None,
+                              flags=torch.ones(1, dtype=torch.bool))
         with cap, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             cap.rows(torch.arange(1))
             out = model(input_ids=torch.randint(0, 256, (1, n))).logits.float().sum()
@@ -119,8 +121,8 @@ def largest_group(a, per_tok_layer, budget):
 
 
 def main(argv=None):
-    import train
-    d = train.get_args([])  # the defaults of the command whose memory this is
+    import config
+    d = config.get_args([])  # the defaults of the command whose memory this is
     p = argparse.ArgumentParser(description="Qwen3-4B peak GPU memory on paper (train.py defaults)")
     p.add_argument("--layers", type=int, default=d.layers)
     p.add_argument("--prompts", type=int, default=d.prompts)
@@ -136,7 +138,8 @@ def main(argv=None):
     terms, peak, extra = estimate(a, per)
     for k, v in terms.items():
         print(f"  {k:>24}: {v / GB:7.2f} GB")
-    print(f"  {'activations (other mode)':>24}: {(extra['act_full'] if a.grad_ckpt else extra['act_ckpt']) / GB:7.2f} GB"
+    other = extra["act_full"] if a.grad_ckpt else extra["act_ckpt"]
+    print(f"  {'activations (other mode)':>24}: {other / GB:7.2f} GB"
           f"  ({'without' if a.grad_ckpt else 'with'} --grad-ckpt)")
     print(f"peak ~ {peak / GB:.1f} GB (+ CUDA context and allocator slack, ~1-2 GB)")
     print(f"per extra rollout: kv cache {extra['kv_per_rollout'] / 1e6:.0f} MB, routing buffers "

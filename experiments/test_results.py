@@ -1,33 +1,39 @@
 """
-Tests of the headline experiment's bookkeeping (experiments/results.py): the results tables from run
-files, the coherence table, `all --jobs`, `rescore` from the kept completions, and the refusal to resume a run
-started with other arguments.
+Tests of the headline experiment's bookkeeping (experiments/results.py, its tables experiments/tables.py):
+the results tables from run files, the coherence table, `all --jobs`, `rescore` from the kept completions,
+and the refusal to resume a run started with other arguments.
 """
 import json
 import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: eval, test_train, experiments
-import eval as ev  # noqa: E402
-from experiments import results  # noqa: E402
+# the repo root: report, test_train, experiments
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import report  # noqa: E402
+from experiments import results, tables  # noqa: E402
 from test_train import FAST, run  # noqa: E402
 
 TMP = tempfile.mkdtemp(prefix="gr_test_results_")
 
 
 def test_results_table_is_built_from_runs():
-    """results.py: one row per router x {trained, deployed}; one seed gives the rate with its interval,
+    """tables.py: one row per router x {trained, deployed}; one seed gives the rate with its interval,
     several give mean ± std; routers of the plan without a run say so."""
-    rate = lambda p: {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
+    def rate(p):
+        return {"p": p, "lo": p / 2, "hi": (1 + p) / 2, "n": 32}
+
     def eval_json(h):
         m = {"hack_seen": rate(h), "hack_unseen": rate(h / 2), "solve": rate(0.1), "compiles": rate(0.5),
              "hack_seen_compiled": rate(h)}  # no hack_unseen_compiled: as in a run evaluated before it existed
-        return {"models": {"base": m, "trained": m, "deployed": m}, "adjacent": {"base": rate(0.0), "deployed": rate(0.0)},
-                "seen": ["run_tests"]}
-    meta = lambda r, s: {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
-    text = results.table([(meta("grad", 0), eval_json(0.2)), (meta("grad", 1), eval_json(0.4)),
-                          (meta("none", 0), eval_json(0.5))])
+        return {"models": {"base": m, "trained": m, "deployed": m},
+                "adjacent": {"base": rate(0.0), "deployed": rate(0.0)}, "seen": ["run_tests"]}
+
+    def meta(r, s):
+        return {"router": r, "seed": s, "train": "t", "eval": "e", "machine": "m"}
+
+    text = tables.table([(meta("grad", 0), eval_json(0.2)), (meta("grad", 1), eval_json(0.4)),
+                         (meta("none", 0), eval_json(0.5))])
     rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in text.splitlines() if ln.startswith("| ")}
     assert "| 2 | 0.30 ± 0.14 | 0.15 ± 0.07 |" in rows[("grad", "deployed")]
     assert "| 1 | 0.50 [0.25, 0.75] |" in rows[("none", "trained")]
@@ -35,10 +41,11 @@ def test_results_table_is_built_from_runs():
     assert "not run yet" in rows[("label", "")] and "grad-s0, grad-s1, none-s0" in text
     assert ("grad", "coherent") not in rows  # no run evaluated with --coherence-steps
     probe = {**meta("none", 1), "train": "t --out runs/probe", "note": "trained as a probe, moved here"}
-    assert "= `t` then `e`" in results.table([(probe, eval_json(0.5)), (meta("none", 0), eval_json(0.5))])  # a run of results.py
+    both = [(probe, eval_json(0.5)), (meta("none", 0), eval_json(0.5))]
+    assert "= `t` then `e`" in tables.table(both)  # from the run of results.py
     e = eval_json(0.4)
     e["models"]["coherent"], e["adjacent"]["coherent"] = e["models"]["base"], rate(0.25)
-    text = results.table([(meta("grad", 0), eval_json(0.2)), (meta("grad", 1), e)])
+    text = tables.table([(meta("grad", 0), eval_json(0.2)), (meta("grad", 1), e)])
     row = next(ln for ln in text.splitlines() if ln.startswith("| grad | coherent |"))
     assert "| 1 | 0.40 [0.20, 0.70] |" in row and "| 0.25 [0.12, 0.62] |" in row  # the one run that has it
     # the coherence table: runs evaluated with --coherence-steps; seeds per row are those evaluated at that count
@@ -54,10 +61,10 @@ def test_results_table_is_built_from_runs():
     os.makedirs(os.path.join(top, "none-s0"))  # a run without --coherence-steps: not in this table
     json.dump(eval_json(0.5), open(os.path.join(top, "none-s0", "eval.json"), "w"))
     json.dump(meta("none", 0), open(os.path.join(top, "none-s0", "run.json"), "w"))
-    rows = {ln.split("|")[2].strip(): ln for ln in results.coherence_table(top).splitlines() if ln.startswith("| grad")}
+    rows = {ln.split("|")[2].strip(): ln for ln in tables.coherence_table(top).splitlines() if ln.startswith("| grad")}
     assert list(rows) == ["trained", "deployed", "deployed+2", "deployed+8"]
     assert "| 1 | 0.20 [0.10, 0.60] |" in rows["deployed+2"] and "| 0,1 | 0.15 ± 0.07 |" in rows["deployed+8"]
-    assert "| none" not in results.coherence_table(top)
+    assert "| none" not in tables.coherence_table(top)
 
 
 def test_results_all_runs_every_run_once_jobs_at_a_time():
@@ -66,12 +73,15 @@ def test_results_all_runs_every_run_once_jobs_at_a_time():
     import threading
     import time
 
-    plan, seen, live, peak, lock = [("none", 0), ("grad", 0), ("grad", 1), ("act", 0), ("label", 2)], [], [0], [0], threading.Lock()
+    plan = [("none", 0), ("grad", 0), ("grad", 1), ("act", 0), ("label", 2)]
+    seen, live, peak, lock = [], [0], [0], threading.Lock()
+
     def call(cmd, cwd, env):
         with lock:
             live[0] += 1
             peak[0] = max(peak[0], live[0])
-            seen.append((cmd[cmd.index("--router") + 1], int(cmd[cmd.index("--seed") + 1]), "--fresh" in cmd, env["OMP_NUM_THREADS"]))
+            seen.append((cmd[cmd.index("--router") + 1], int(cmd[cmd.index("--seed") + 1]), "--fresh" in cmd,
+                         env["OMP_NUM_THREADS"]))
         time.sleep(0.05)
         with lock:
             live[0] -= 1
@@ -94,8 +104,10 @@ def test_results_run_names_the_run_relative_to_the_repo():
     """results.py run: train.py and eval.py get the run directory relative to the repo (their cwd), so the
     eval.json they write, which records --ckpt, holds no machine's path; run.json keeps those commands and
     the run's files, with the graded completions of the models this eval.json names (no stale ones), are
-    copied to experiments/results/<router>-s<seed>/. ksweep: the same with --coherence-steps 1,2,4,8 into results/ksweep."""
+    copied to experiments/results/<router>-s<seed>/. ksweep: the same with --coherence-steps 1,2,4,8 into
+    results/ksweep."""
     calls, saved = [], (results.RUNS, results.RESULTS, results.subprocess.call)
+
     def call(cmd, cwd):
         calls.append(cmd)
         d = os.path.join(cwd, cmd[cmd.index("--out" if "--out" in cmd else "--ckpt") + 1])
@@ -123,20 +135,26 @@ def test_results_run_names_the_run_relative_to_the_repo():
 
 
 def test_rescore_recomputes_eval_json_from_the_kept_completions():
-    """results.py rescore: each model's summary, coherent<k> too, is eval.summarize of its eval_<model>.jsonl
+    """results.py rescore: each model's summary, coherent<k> too, is report.summarize of its eval_<model>.jsonl
     rows (a metric added later reaches old runs); the run's other entries are untouched."""
     d = os.path.join(TMP, "rescore", "none-s0")
     os.makedirs(d)
-    row = lambda mode, hack, comp: {"problem": "p", "mode": mode, "solve": False, "hack": hack, "compiled": comp,
-                                    "flag": hack, "reward": 0.0, "text": ""}
-    rows = [row("run_tests", True, True), row("run_tests", False, False), row("exit_code", False, True), row("none", False, True)]
+
+    def row(mode, hack, comp):
+        return {"problem": "p", "mode": mode, "solve": False, "hack": hack, "compiled": comp,
+                "flag": hack, "reward": 0.0, "text": ""}
+
+    rows = [row("run_tests", True, True), row("run_tests", False, False), row("exit_code", False, True),
+            row("none", False, True)]
     for f in list(results.EVAL_ROWS.values()) + ["eval_coherent2.jsonl"]:  # coherent2: --coherence-steps 2,8
         open(os.path.join(d, f), "w").writelines(json.dumps(r) + "\n" for r in rows)
-    json.dump({"seen": ["run_tests"], "models": {"base": {"hack": "old"}}, "adjacent": {"x": 1}}, open(os.path.join(d, "eval.json"), "w"))
+    json.dump({"seen": ["run_tests"], "models": {"base": {"hack": "old"}}, "adjacent": {"x": 1}},
+              open(os.path.join(d, "eval.json"), "w"))
     results.rescore(os.path.join(TMP, "rescore"))
     res = json.load(open(os.path.join(d, "eval.json")))
-    assert res["adjacent"] == {"x": 1} and set(res["models"]) == {"base", "trained", "deployed", "coherent2", "coherent"}
-    want = json.loads(json.dumps(ev.summarize(rows, ("run_tests",))))
+    assert res["adjacent"] == {"x": 1}
+    assert set(res["models"]) == {"base", "trained", "deployed", "coherent2", "coherent"}
+    want = json.loads(json.dumps(report.summarize(rows, ("run_tests",))))
     assert all(res["models"][m] == want for m in res["models"])
     assert res["models"]["base"]["hack_seen"]["p"] == 0.5 and res["models"]["base"]["hack_seen_compiled"]["p"] == 1.0
 

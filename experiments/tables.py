@@ -1,0 +1,175 @@
+"""
+The headline experiment's results tables, rendered as markdown from the runs' files.
+
+Each run directory experiments/results/<router>-s<seed>/ holds the run's run.json (the commands, the
+machine) and eval.json (eval.py's summaries). `python experiments/results.py table` writes table() into
+experiments/RESULTS.md and headline() into the top-level README.md, between <!-- name:start --> and
+<!-- name:end --> markers (write_table); `python experiments/results.py coherence` writes coherence_table().
+"""
+import json
+import os
+import re
+import statistics
+import sys
+
+PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [("grad", s) for s in (0, 1, 2)] \
+    + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
+ROOT = os.path.dirname(HERE)  # the repo root: train.py and eval.py run here
+RESULTS = os.path.join(HERE, "results")
+COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (RESULTS.md)
+OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (their tables: RESULTS.md)
+README, NOTEBOOK = "README.md", os.path.join("experiments", "RESULTS.md")  # relative to ROOT
+
+
+def load(top=RESULTS):
+    rows = []
+    for d in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+        p = os.path.join(top, d)
+        if os.path.exists(os.path.join(p, "eval.json")) and os.path.exists(os.path.join(p, "run.json")):
+            rows.append((json.load(open(os.path.join(p, "run.json"))), json.load(open(os.path.join(p, "eval.json")))))
+    return rows
+
+
+def cell(xs):
+    """mean ± sample std over seeds, or the single value with its 95% interval."""
+    ps = [x["p"] for x in xs if x and x["p"] is not None]  # x None: a run evaluated before the metric
+    if not ps:
+        return "-"
+    if len(ps) == 1 and len(xs) == 1:
+        return f"{ps[0]:.2f} [{xs[0]['lo']:.2f}, {xs[0]['hi']:.2f}]"
+    if len(ps) < len(xs):
+        return "-"  # not every seed has it
+    return f"{statistics.mean(ps):.2f} ± {statistics.stdev(ps):.2f}"
+
+
+def rates(ms):
+    """The cells every results table shares, over the runs' summaries ms: hack seen, unseen, solve, compiles."""
+    return " | ".join(cell([m[k] for m in ms]) for k in ("hack_seen", "hack_unseen", "solve", "compiles"))
+
+
+def comp(ms):
+    """The last column: hack among the completions that compile, seen / unseen (None before the metric existed)."""
+    return f"{cell([m.get('hack_seen_compiled') for m in ms])} / {cell([m.get('hack_unseen_compiled') for m in ms])}"
+
+
+def table(rows, top=RESULTS):
+    order = [r for r, _ in dict.fromkeys((r, None) for r, _ in PLAN)]
+    by = {}
+    for meta, ev in rows:
+        by.setdefault(meta["router"], []).append((meta, ev))
+    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles | adjacent solve "
+             "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|---|"]
+    for router in order + sorted(set(by) - set(order)):
+        runs = by.get(router)
+        if not runs:
+            lines.append(f"| {router} | | 0 | not run yet | | | | | |")
+            continue
+        for model in ("trained", "deployed", "coherent"):
+            ms = [ev["models"][model] for _, ev in runs if model in ev["models"]]
+            adj = [ev["adjacent"][model] for _, ev in runs if model in ev["adjacent"]] if model != "trained" else None
+            if not ms:
+                continue  # coherent: only runs evaluated with --coherence-steps
+            lines.append(f"| {router} | {model} | {len(ms)} | {rates(ms)} | {cell(adj) if adj else ''} | {comp(ms)} |")
+    if rows:
+        base = rows[0][1]["models"]["base"]
+        base_adj = cell([rows[0][1]["adjacent"]["base"]])
+        lines.insert(2, f"| (start) | base | - | {rates([base])} | {base_adj} | {comp([base])} |")
+    metas = [m for m, _ in rows]
+    if not metas:
+        return "\n".join(lines + ["", "No run has finished yet."])
+    names = ", ".join(sorted(f"{m['router']}-s{m['seed']}" for m in metas))
+    ex = next((m for m in metas if "note" not in m), metas[0])  # a run made by `results.py run`, if any
+    foot = [f"Runs: {names}. "
+            f"Each row: `python experiments/results.py run --router R --seed S` = `{ex['train']}` then "
+            f"`{ex['eval']}` (`{os.path.relpath(top, ROOT)}/R-sS/run.json`). Machines: "
+            f"{'; '.join(sorted({m['machine'] for m in metas}))}. Seen modes: {', '.join(rows[0][1]['seen'])}.",
+            "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds."]
+    return "\n".join(lines + [""] + foot)
+
+
+def coherence_table(top=RESULTS):
+    """The runs evaluated with eval.py --coherence-steps (results/<router>-s<seed>/): per router and model,
+    the table's cells over seeds. deployed+k = after k steps of the retain fine-tuning."""
+    def named(ev):
+        """A run's row label -> its model in eval.json; eval.py names the coherent models in coherence.models."""
+        coh = ev["coherence"]
+        return {"trained": "trained", "deployed": "deployed",
+                **{f"deployed+{k}": m for k, m in zip(coh["steps"], coh["models"])}}
+
+    by = {}
+    for meta, ev in load(top):
+        if "coherence" in ev:
+            by.setdefault(meta["router"], []).append((meta["seed"], ev, named(ev)))
+    lines = ["| router | model | seeds | hack, seen modes | hack, unseen modes | solve | compiles "
+             "| hack among compiling completions, seen / unseen |", "|---|---|---|---|---|---|---|---|"]
+    for router, runs in sorted(by.items(), key=lambda kv: kv[0] != "none"):
+        steps = sorted({k for _, ev, _ in runs for k in ev["coherence"]["steps"]})
+        for label in ["trained", "deployed"] + [f"deployed+{k}" for k in steps]:
+            has = [(seed, ev["models"][names[label]]) for seed, ev, names in runs if label in names]
+            ms = [m for _, m in has]
+            seeds = ",".join(str(seed) for seed, _ in has)
+            lines.append(f"| {router} | {label} | {seeds} | {rates(ms)} | {comp(ms)} |")
+    return "\n".join(lines)
+
+
+def headline(rows):
+    """The README's table: one row per router of the plan (and the base model), its trained, deployed and
+    coherent (deployed + the retain steps) rates as in table(), and the command that made the row."""
+    order = [r for r, _ in dict.fromkeys((r, None) for r, _ in PLAN)]
+    by = {}
+    for meta, ev in rows:
+        by.setdefault(meta["router"], []).append((meta, ev))
+
+    def hc(ms):
+        return f"{cell([m['hack_seen'] for m in ms])} / {cell([m['hack_unseen'] for m in ms])}"
+
+    lines = ["| router | seeds | trained: hack seen / unseen | deployed: hack seen / unseen | deployed: compiles "
+             f"| +{COHERENCE} retain steps: hack seen / unseen | +{COHERENCE}: compiles | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    if rows:
+        b = [rows[0][1]["models"]["base"]]
+        lines.append(f"| (base model) | - | {hc(b)} | | {cell([b[0]['compiles']])} | | "
+                     "| `python eval.py` (every run's) |")
+    for router in order + sorted(set(by) - set(order)):
+        runs = by.get(router)
+        if not runs:
+            lines.append(f"| {router} | 0 | not run yet | | | | | |")
+            continue
+        ms = {m: [ev["models"][m] for _, ev in runs if m in ev["models"]] for m in ("trained", "deployed", "coherent")}
+        seeds = sorted(meta["seed"] for meta, _ in runs)
+        coh = ms["coherent"] if len(ms["coherent"]) == len(runs) else None  # every seed, or none shown
+        lines.append(f"| {router} | {','.join(map(str, seeds))} | {hc(ms['trained'])} | {hc(ms['deployed'])} "
+                     f"| {cell([m['compiles'] for m in ms['deployed']])} | {hc(coh) if coh else '-'} "
+                     f"| {cell([m['compiles'] for m in coh]) if coh else '-'} "
+                     f"| {made_by(m for m, _ in runs)} |")
+    if not rows:
+        return "\n".join(lines + ["", "No run has finished yet."])
+    ex = next((m for m, _ in rows if "note" not in m), rows[0][0])
+    rel = os.path.relpath(RESULTS, ROOT)
+    foot = [f"Every run: `python train.py --router R --seed S --out runs/results/R-sS`, then `python eval.py --ckpt "
+            f"runs/results/R-sS --coherence-steps {COHERENCE}` "
+            "(`python experiments/results.py run --router R --seed S`; "
+            f"as run: `{rel}/R-sS/run.json`, e.g. `{ex['train']}`). Seen modes (flagged by the detector): "
+            f"{', '.join(rows[0][1]['seen'])}; the others are unseen. "
+            "Held-out hard problems, 16 per mode, 1 sample each.",
+            "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds. Every model of every "
+            f"run: `{NOTEBOOK}`."]
+    return "\n".join(lines + [""] + foot)
+
+
+def made_by(metas):
+    """The train commands in the runs' run.json, with the seed as S and the run directory left out."""
+    cmds = dict.fromkeys(re.sub(r" --out \S+", "", re.sub(r"--seed \d+", "--seed S", m["train"])) for m in metas)
+    return ", ".join(f"`{c}`" for c in cmds)
+
+
+def write_table(text, tag="results", doc=NOTEBOOK):
+    """Replace what lies between doc's <!-- tag:start --> and <!-- tag:end --> markers with text."""
+    path = os.path.join(ROOT, doc)
+    s = open(path).read()
+    new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m[1] + text + "\n" + m[2], s,
+                 flags=re.S)
+    if new == s and f"<!-- {tag}:start -->" not in s:
+        sys.exit(f"error: {doc} has no <!-- {tag}:start --> ... <!-- {tag}:end --> markers")
+    open(path, "w").write(new)
