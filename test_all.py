@@ -3,15 +3,17 @@ The test suite: `python test_all.py` runs every test_* function of the test file
 this file) and ends with 'N passed, M failed'; `pytest` collects the same files on its own.
 
 This file holds the model-loading tests (model.py); each concept has its own test file:
-  test_env.py      the environment, sandbox and detector (env.py, detector.py, data/)
-  test_routing.py  adapters and routers (adapter.py, routing.py)
-  test_train.py    GRPO and the training loop (grpo.py, train.py, warmup.py, bench.py)
+  test_env.py      the environment and detector (env.py, detector.py, data/)
+  test_sandbox.py  the sandbox and the judges (sandbox.py, judges.py)
+  test_routing.py  adapters, routers and v_hack (adapter.py, routing.py, vhack.py)
+  test_update.py   one routed update and its optimizer (train.routed_update, grpo.py, optim.py)
+  test_train.py    the training loop, its arguments and the teacher (train.py, config.py, teacher.py, bench.py,
+                   flops.py)
   test_eval.py     the deploy evaluation (eval.py)
   experiments/test_results.py  the headline runs' tables and bookkeeping (experiments/results.py)
-  test_update.py   one routed update and its optimizer (update.py, optim.py)
 
 All tests run on CPU, offline, in a few minutes on 2 cores. They assert equivalences and
-invariants (STYLE.md habit 7), never merely that code runs.
+invariants, never merely that code runs.
 """
 import importlib
 import os
@@ -24,7 +26,8 @@ import torch
 
 import model as M
 
-TEST_FILES = ("test_env", "test_routing", "test_train", "test_eval", "experiments/test_results", "test_update")
+TEST_FILES = ("test_env", "test_sandbox", "test_routing", "test_update", "test_train", "test_eval",
+              "experiments/test_results")
 _loaded = {}
 
 
