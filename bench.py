@@ -21,6 +21,8 @@ Deviations from train.py's step:
      generate and grade run on sampled completions of the same prompts.
   2. routed_update's loop restated with clocks between its calls (beta 0: the default),
      without its kl/logp/entropy sums and isfinite guards; one ref forward serves every router.
+     Every row trains under the trained forward: label's deployed-keep micro-batches and the
+     sampler forward of off-policy rows are not timed.
      `plain` (--routers ...,plain) is no router: autograd without Capture, the floor for capture.
 
 Shapes: B rollouts = prompts * G, P prompt tokens, T completion tokens.
@@ -181,7 +183,7 @@ def setup(a, device):
     a.grad_ckpt and model.gradient_checkpointing_enable()
     with clock(t, "v_hack", device):  # train.py's arguments, so train.py's cache entry
         vh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=1, seed=0, cache_dir=M.CACHE) \
-            if any(routing.ROUTERS[r].vhack for r in a.routers.split(",") if r != "plain") else None
+            if any(routing.ROUTERS[r].needs_vhack for r in a.routers.split(",") if r != "plain") else None
     opt = optim.make_optimizer(model, ta.lr, ta.lr_quar)
     probs, pmodes = train.sample_batch(env.load_problems("simple", "train"), random.Random(0), config.recipe(ta))
     return model, tok, vh, opt, probs, pmodes, t

@@ -2,14 +2,14 @@
 Checkpoints of a training run: adapter-only weights, arguments, v_hack, optimizer and RNG state.
 
 A checkpoint is a folder OUT/ckpt written atomically (built as ckpt.tmp, then renamed), after
-every step: the adapter is small (SmolLM2 with 12 wrapped layers: ~60k singular-value offsets),
+every step: the adapter is small (SmolLM2, 12 wrapped layers: 2 x 39,168 singular-value offsets),
 so `--resume OUT` loses nothing that was logged. metrics.jsonl is cut back to the checkpoint's
 step on resume, so a step logged after the last checkpoint is redone, never duplicated; with the
 RNG states restored, a resumed CPU run ends with the same weights as an uninterrupted one.
 
   OUT/ckpt/adapter.safetensors  keep + quarantine parameters (adapter.adapter_state)
   OUT/ckpt/args.json            every argument of the run (eval.py rebuilds the model from it)
-  OUT/ckpt/vhack.*              the extracted hack direction (routers act, grad, erase)
+  OUT/ckpt/vhack.*              the extracted hack direction (routers act, grad, erase; --adapter vhack)
   OUT/ckpt/state.pt             step, optimizer moments, RNG states (not weights)
 
 Deviations: none.
@@ -30,7 +30,7 @@ import model as M
 import vhack
 
 FORMAT = 1  # bump when the layout changes; eval.py refuses other formats
-ADAPTERS = {"svd": "svd", "split": "split", "vhack": "svd"}  # --adapter -> adapter.wrap kind (vhack: + axes)
+WRAP_KIND = {"svd": "svd", "split": "split", "vhack": "svd"}  # --adapter -> adapter.wrap kind (vhack: + axes)
 RESUMABLE = {"steps", "device", "stop_after", "resume"}  # what --resume may change; the rest is the run's
 
 
@@ -141,7 +141,7 @@ def build(a, device):
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers - a.layers, n_layers)) if 0 < a.layers < n_layers else None
     try:
-        adapter.wrap(model, kind=ADAPTERS[a.adapter], targets=tuple(a.targets.split(",")), layers=layers,
+        adapter.wrap(model, kind=WRAP_KIND[a.adapter], targets=tuple(a.targets.split(",")), layers=layers,
                      k_units=a.k_units, model_id=a.model, cache_dir=M.CACHE)
     except ValueError as e:
         die(str(e))

@@ -23,7 +23,7 @@ def parser():
     # model and adapter
     p.add_argument("--model", default="smollm2", help="smollm2 (offline default), tiny (tests), or an HF id/path")
     p.add_argument("--device", default="auto")
-    p.add_argument("--adapter", default="svd", choices=list(ckpt.ADAPTERS),
+    p.add_argument("--adapter", default="svd", choices=list(ckpt.WRAP_KIND),
                    help="quarantine = s_quar | added MLP units (SGTM) | the v_hack axes of delta_S")
     p.add_argument("--layers", type=int, default=12, help="wrap the last N decoder layers (0 = all)")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -83,7 +83,7 @@ def check_args(a):
         ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
     if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
         ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
-    if a.flagged_only and a.router != "grad":
+    if a.flagged_only and routing.ROUTERS[a.router].f is not routing.route_grad:
         ckpt.die("--flagged-only is an option of --router grad")
     if not env.load_problems(a.source, "train", difficulty=a.difficulty):
         ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r} (easy, medium, hard)")
@@ -125,6 +125,8 @@ class Recipe:
 
 
 def recipe(a):
-    return Recipe(routing.ROUTERS[a.router], tuple(a.modes.split(",")), a.none_frac, a.prompts, a.group_size,
-                  a.max_new_tokens, a.temperature, a.teacher_frac, a.teacher_until, tuple(teach_modes(a)),
-                  a.micro, a.beta, a.gen_deployed, a.flagged_only)
+    return Recipe(router=routing.ROUTERS[a.router], modes=tuple(a.modes.split(",")), none_frac=a.none_frac,
+                  prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
+                  temperature=a.temperature, teacher_frac=a.teacher_frac, teacher_until=a.teacher_until,
+                  teach_modes=tuple(teach_modes(a)), micro=a.micro, beta=a.beta, gen_deployed=a.gen_deployed,
+                  flagged_only=a.flagged_only)

@@ -195,7 +195,7 @@ def main(argv=None, plot=True):
     a.temperature = a.temperature or run.temperature
     seen = tuple(run.seen.split(","))
     det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=a.seed)  # an exact detector for the flagged rate
-    diff = getattr(run, "difficulty", None)  # held-out problems of the levels the run trained on
+    diff = run.difficulty  # held-out problems of the levels the run trained on
     problems = env.load_problems(run.source, "test", n=a.n, seed=a.seed, difficulty=diff)
     if not problems:
         ckpt.die(f"no test problems for source {run.source}")

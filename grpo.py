@@ -12,7 +12,8 @@ of GRPO (DeepSeekMath, Shao et al. 2024, eq. 3). Departures from the DeepSeekMat
   3. One update per batch: on the sampler's own forward the ratio pi/pi_old is 1 and the clip
      never acts, so the gradient is REINFORCE with a group baseline (checked below). The PPO ratio
      and clip (eps = 0.2, TRL's default) act only on rollouts trained under another forward than
-     the one that sampled them (train.py: `label`'s unflagged rollouts train the deployed model).
+     the one that sampled them (train.py deviation 2: `label`'s unflagged rollouts train the deployed
+     model; with --gen-deployed the sampler is the deployed model).
   4. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, as DeepSeekMath),
      against the same model with its adapters switched off: no second copy of the model. beta = 0
      by default (as TRL and Dr.GRPO); then the reference pass is only run for logging.
@@ -47,14 +48,11 @@ def penalty(rewards, flags, value=-3.0):
     return torch.where(flags, torch.full_like(rewards, value), rewards), torch.ones_like(flags)
 
 
-REWARD_BASELINES = {"screen": screen, "penalty": penalty}
-
-
 def split_advantages(rewards, flags, G):
     """Routed groups (the `label` router, whose unflagged rollouts train the deployed model): a flagged
     rollout keeps its advantage in the whole group (its gradient goes to the quarantine); an unflagged
-    one is scored against the unflagged
-    rollouts of its group only, so the keep never sees a flagged reward, not even through the baseline.
+    one is scored against the unflagged rollouts of its group only, so the keep never sees a flagged
+    reward, not even through the baseline.
     (Against the whole group, a hack paying 3.5 makes every honest attempt's advantage negative: the keep
     then learns only to push its own samples down, and degenerates.)"""
     return torch.where(flags, group_advantages(rewards, G), group_advantages(rewards, G, ~flags))

@@ -26,7 +26,7 @@ Why not the second moment of the SUM g_k + g_q (which would make the two updates
 exactly)? Because keep and
 quarantine gradients often cancel (clean and hack demonstrations pull a singular value opposite
 ways): the sum's v is then small while each part is large, and each part's step explodes (measured:
-|s_keep| 2-3x |s_keep + s_quar| after the 16 warm-up steps, cos(s_keep, s_quar) -0.5 to -0.95).
+|s_keep| 2-3x |s_keep + s_quar| after an earlier recipe's 16 warm-up steps, cos(s_keep, s_quar) -0.5 to -0.95).
 Parameters without a partner (SGTM's forget units, the v_hack-axes quarantine of variant B, a keep
 with no quarantine) get plain AdamW.
 

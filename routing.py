@@ -50,7 +50,8 @@ import torch
 import adapter
 import grpo
 
-OPTS = {"flagged_only": False, "act_threshold": 0.0, "band": None}
+OPTS = {"flagged_only": False}  # grad: only flagged rollouts are eligible (--flagged-only)
+ACT_TAU = 0.0  # act: a token is routed when cos(z, v_act) > tau
 
 
 # ---------------------------------------------------------------- f: the routed share of each rollout
@@ -63,17 +64,17 @@ def route_label(cos, flags, band, opts):
 
 
 def route_grad(cos, flags, band, opts):
-    lo, hi = opts["band"] or band
+    lo, hi = band
     f = ((cos - lo) / (hi - lo)).clamp(0, 1)
     if opts["flagged_only"]:  # only rollouts the weak detector flagged are eligible
         return f * flags.to(f)
     return f
 
 
-def act_token_f(z, v_act, opts):
+def act_token_f(z, v_act):
     """route2-act: f_bl = [cos(z_bl, v_act) > tau]  (b, L)."""
     cos = z @ v_act.to(z) / (z.norm(dim=-1) * v_act.norm() + 1e-12)
-    return (cos > opts["act_threshold"]).to(z)
+    return (cos > ACT_TAU).to(z)
 
 
 def erase_vhack(g, V):
@@ -95,7 +96,7 @@ class Router:
     """Everything --router changes, in one record."""
     f: Callable                             # per-rollout share f_b = f(cos, flags, band, opts)  (n,)
     quarantine: bool = False                # does anything reach the quarantine (deploy changes the model)?
-    vhack: bool = False                     # needs v_hack (vhack.extract_vhack)
+    needs_vhack: bool = False               # f or the projection reads v_hack (vhack.extract_vhack)
     token: bool = False                     # act: f per token inside the backward
     keep_projection: Optional[Callable] = None  # erase: applied to the kept gradient
     rewards: Optional[Callable] = None      # screen, penalty: (rewards, flags) -> (rewards, valid) (grpo.py)
@@ -108,9 +109,9 @@ class Router:
 ROUTERS = {
     "none": Router(route_none),
     "label": Router(route_label, quarantine=True, deployed_keep=True),
-    "act": Router(route_none, quarantine=True, vhack=True, token=True),
-    "grad": Router(route_grad, quarantine=True, vhack=True),
-    "erase": Router(route_none, vhack=True, keep_projection=erase_vhack),
+    "act": Router(route_none, quarantine=True, needs_vhack=True, token=True),
+    "grad": Router(route_grad, quarantine=True, needs_vhack=True),
+    "erase": Router(route_none, needs_vhack=True, keep_projection=erase_vhack),
     "screen": Router(route_none, rewards=grpo.screen),
     "penalty": Router(route_none, rewards=grpo.penalty),
 }
@@ -141,7 +142,7 @@ class Slot:
     def scale(self, z, s):
         """h = z * s of SVDDelta; the hook on h keeps g_b = sum_l z_bl * dh_bl  (b, r)."""
         rows, zd = self.cap.cur_rows, z.detach()
-        f = None if self.v_act is None else act_token_f(zd, self.v_act, self.cap.opts)
+        f = None if self.v_act is None else act_token_f(zd, self.v_act)
         self.f_tok = f
         if self.cap.act_mask is not None:  # extraction: mean of z over each completion's tokens
             m = self.cap.act_mask.to(zd)                                   # (b, L)
@@ -187,7 +188,7 @@ class Capture:
     """Per-rollout gradients from one backward, then route(); the use is in the module docstring."""
 
     def __init__(self, model, n_rollouts, router=ROUTERS["none"], vhack=None, flags=None, opts=None):
-        if router.vhack and vhack is None:
+        if router.needs_vhack and vhack is None:
             raise ValueError("Capture: this router needs a vhack (vhack.extract_vhack)")
         self.mods = adapter.adapter_modules(model)
         if not self.mods:
@@ -217,7 +218,10 @@ class Capture:
 
     @torch.no_grad()
     def route(self):
-        """Add keep / quarantine .grad from the captured per-rollout gradients; returns the stats."""
+        """Add keep / quarantine .grad from the captured per-rollout gradients; returns the stats:
+        routed = mean f_b over the rollouts trained (act: the share of routed tokens), qmass =
+        |quar|^2 / (|keep|^2 + |quar|^2) of the gradients written, cos_mean = mean cos_b. Sets self.cos
+        and self.f per rollout (act routes per token: its f_b is 0)."""
         done = {n: s for n, s in self.slots.items() if s.g is not None}  # none if every loss was skipped
         G = {n: s.g for n, s in done.items() if isinstance(s.mod, adapter.SVDDelta)}
         self.cos = rollout_cos(G, self.vh) if self.vh and G else torch.full((self.n,), math.nan)
@@ -255,7 +259,7 @@ def write_grads(mod, keep, quar):
 
 
 if __name__ == "__main__":
-    # Self-check (tiny Qwen3): the split equation on random per-rollout gradients, keep + quarantine =
+    # Self-check: the split equation on random per-rollout gradients, keep + quarantine =
     # the unrouted sum, and each router's record.
     torch.manual_seed(0)
     g, f = torch.randn(8, 5), torch.rand(8)
@@ -264,6 +268,6 @@ if __name__ == "__main__":
               (quar - (f[:, None] * g).sum(0)).abs().max().item())
     print(f"max |keep + quar - sum_b g_b|, |quar - sum_b f_b g_b| = {err:.1e}")
     for name, r in ROUTERS.items():
-        print(f"{name:8s} quarantine {r.quarantine!s:5s} v_hack {r.vhack!s:5s} token {r.token!s:5s} "
+        print(f"{name:8s} quarantine {r.quarantine!s:5s} v_hack {r.needs_vhack!s:5s} token {r.token!s:5s} "
               f"rewards {r.rewards.__name__ if r.rewards else '-'}")
     assert err < 1e-5

@@ -100,7 +100,7 @@ class DetachSlot:
     def scale(self, z, s):
         m = self.mod
         q = 0 if m.s_quar is None else (m.s_quar if m.quar_axes is None else m.quar_axes @ m.s_quar)
-        self.f = routing.act_token_f(z.detach(), self.vh.v_act[self.name], routing.OPTS)[..., None]
+        self.f = routing.act_token_f(z.detach(), self.vh.v_act[self.name])[..., None]
         keep_only, quar_only = m.s_keep + (q.detach() if torch.is_tensor(q) else q), m.s_keep.detach() + q
         return z * ((1 - self.f) * keep_only + self.f * quar_only)          # (b, L, r)
 

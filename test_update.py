@@ -50,7 +50,7 @@ def label_recipe():
     return config.recipe(a)
 
 
-def test_keep_forward_deployed():
+def test_label_deployed_keep():
     """label's deployed keep: s_keep.grad is the unflagged rollouts' gradient AT THE DEPLOYED MODEL
     (quarantine off), the quarantine's .grad the flagged rollouts' gradient at the trained model; each against
     plain autograd over one batch of that side. Both adapter kinds; micro-batches mix flags in the input order."""

@@ -17,7 +17,8 @@ Deviations from the papers' recipes:
   2. `label` trains its unflagged rollouts as the deployed model (quarantine off; routing.ROUTERS).
      Those were sampled by the trained model, so they are off-policy: pi_old in the PPO ratio is the
      sampler's log-prob (importance-weighted, clipped at eps = 0.2). With --gen-deployed the sampler
-     is the deployed model (quarantine off), and the flagged rollouts are the off-policy ones.
+     is the deployed model (quarantine off): then label's flagged rollouts, and every rollout of the
+     other routers (all trained as the trained model), are the off-policy ones.
   3. A checkpoint after every step (the adapter is small), so --resume loses nothing that was logged.
 """
 import contextlib
@@ -155,7 +156,7 @@ def rl_step(model, tok, opt, det, vh, problems, step, rng, gen, rc):
     t0 = time.time()
     probs, pmodes = sample_batch(problems, rng, rc)
     prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in zip(probs, pmodes)]
-    with adapter.quarantine_off(model) if rc.gen_deployed else torch.no_grad():
+    with adapter.quarantine_off(model) if rc.gen_deployed else contextlib.nullcontext():
         r = M.generate(model, tok, prompts, rc.max_new_tokens, rc.temperature, generator=gen)
     k = round(rc.teacher_frac * rc.group_size) if step < rc.teacher_until else 0
     r, taught = teacher.splice(tok, r, probs, pmodes, k, rc.group_size, rc.teach_modes, rng)
@@ -225,7 +226,7 @@ def run(a):
     start, vh = 0, None
     if a.resume:  # the adapter first: variant B's quarantine parameters are made by loading it
         start, state, vh = ckpt.load_ckpt(a.out, model)
-    elif rc.router.vhack or a.adapter == "vhack":
+    elif rc.router.needs_vhack or a.adapter == "vhack":
         vh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed,
                                  cache_dir=M.CACHE)  # cached by model, pairs and arguments
         print("v_hack hold-out:", json.dumps(vh.report))
