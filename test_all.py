@@ -94,12 +94,12 @@ def test_unreachable_hub_id_is_one_line_exit_2():
     assert p.returncode == 2 and len(lines) == 1 and "--model smollm2" in lines[0], p.stderr
 
 
-def run_all():
-    """Tiny runner: every test_* function here and in TEST_FILES; prints 'N passed, M failed'."""
-    mods = [sys.modules[__name__]]
-    for name in TEST_FILES:
-        if os.path.exists(name + ".py"):
-            mods.append(importlib.import_module(name.replace("/", ".")))
+def run_all(mods=None):
+    """Tiny runner: every test_* function of mods (default: here and TEST_FILES); prints 'N passed, M failed'.
+    A test file run as a script runs its own: run_all([sys.modules[__name__]])."""
+    if mods is None:
+        mods = [sys.modules[__name__]] + [importlib.import_module(name.replace("/", ".")) for name in TEST_FILES
+                                          if os.path.exists(name + ".py")]
     passed = failed = 0
     t_all = time.time()
     for mod in mods:

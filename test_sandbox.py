@@ -129,10 +129,5 @@ def test_hostile_programs():
 
 
 if __name__ == "__main__":
-    t_all = time.time()
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn):
-            t = time.time()
-            fn()
-            print(f"{name:<42} ok  {time.time() - t:5.1f} s")
-    print(f"all passed in {time.time() - t_all:.1f} s")
+    import test_all
+    sys.exit(1 if test_all.run_all([sys.modules[__name__]]) else 0)
