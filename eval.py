@@ -55,8 +55,7 @@ def rollouts(model, tok, problems, modes, a, det, seed):
         grades = env.grade_batch([p for p, _ in chunk], texts, [m for _, m in chunk])
         flags = det.flags(texts)
         rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "compiled": g.compiled,
-                  "flag": f,
-                  "reward": g.reward, "text": t} for (p, m), g, f, t in zip(chunk, grades, flags, texts)]
+                  "flag": f, "reward": g.reward, "text": t} for (p, m), g, f, t in zip(chunk, grades, flags, texts)]
     return rows
 
 
@@ -230,8 +229,8 @@ def main(argv=None, plot=True):
             res["vhack"] = {"run": vh and vhack_separation(model, tok, vh, *args),
                             "fresh": vhack_separation(model, tok, fresh, *args)}
     if a.coherence_steps:
-        rc = dataclasses.replace(config.recipe(run), router=routing.ROUTERS["none"], none_frac=1.0, hack_share=0.0,
-                                 teach_modes=tuple(run.modes.split(",")))  # honest no-loophole demonstrations
+        rc = dataclasses.replace(config.recipe(run), router=routing.ROUTERS["none"], none_frac=1.0,
+                                 hack_share=0.0)  # honest demonstrations on no-loophole prompts only
         res["coherence"] = coherence(model, tok, det, train_problems, rc, a.coherence_steps, a.coherence_lr or run.lr,
                                      a.seed, os.path.join(a.ckpt, "coherence"), evaluate)
     if a.export:

@@ -77,9 +77,8 @@ def routed_update(model, opt, r, adv, flags, active, vh, rc, kl=True, sampled=No
     norm = rc.prompts * rc.group_size * rc.max_new_tokens  # Dr.GRPO's constant normaliser
     mbs, modes = micro_batches(rc, active, flags)
     sampler = "deployed" if rc.gen_deployed else "train"
-    off = [torch.zeros(len(rows), dtype=torch.bool) if sampled is None else sampled[rows] & (modes[j] != sampler)
-           for j, rows in enumerate(mbs)]                                   # (b,) bool per micro-batch
-    off = [o.to(dev) for o in off]
+    off = [(torch.zeros(len(rows), dtype=torch.bool) if sampled is None else sampled[rows] & (modes[j] != sampler))
+           .to(dev) for j, rows in enumerate(mbs)]                          # (b,) bool per micro-batch
     with torch.no_grad():
         ref, behave = [None] * len(mbs), [None] * len(mbs)
         for j, rows in enumerate(mbs):
