@@ -14,6 +14,7 @@ Timings are only as good as the machine is quiet: the CPU share other processes 
 
 train_peak_fraction = the train phase's FLOPs (an analytic count, not the usual 6 N tok) / its
 seconds / the matmul peak measured in the same process: both in flops.py, whose docstring derives the count.
+gen_peak_fraction = 2 x params x sampled tokens / generate's seconds / the same peak (sampler.py).
 
 Deviations from train.py's step:
   1. The train phases run on FIXED teacher-forced rollouts (teacher demos concatenated and cut to
@@ -54,7 +55,8 @@ import train
 import vhack
 
 PHASES = ("generate", "grade", "ref", "fwd", "bwd", "route", "opt")
-TARGETS = {"backward_ratio": 1.15, "grade_fraction": 0.10, "startup_s": 15.0, "train_peak_fraction": 0.40}
+TARGETS = {"backward_ratio": 1.15, "grade_fraction": 0.10, "startup_s": 15.0, "train_peak_fraction": 0.40,
+           "gen_peak_fraction": 0.35}
 
 
 def get_args(argv=None):
@@ -216,7 +218,7 @@ def measure(a, device):
     mem = {k: (max(m[0] for m in v), v[0][1] and max(m[1] for m in v)) for k, v in mems.items()}
     B, P, (busy, own) = r.completion_ids.shape[0], r.prompt_ids.shape[1], cpu_s()
     shape = {"B": B, "P": P, "T": a.tokens, "gen_tokens": statistics.median(n_gen), "dtype": str(model.dtype)[6:],
-             "flops": sum(flops.train_flops(model, B, P, a.tokens)),
+             "flops": sum(flops.train_flops(model, B, P, a.tokens)), "params": model.num_parameters(),
              "peak_flop_s": flops.matmul_peak(device, model.dtype),
              "others_cpu_frac": (busy - busy0 - own + own0) / (time.perf_counter() - wall0) / os.cpu_count()}
     return times, mem, shape
@@ -235,14 +237,17 @@ def summarise(a, device, times, mem, shape, start):
            "grade_fraction": g["grade"] / step_s[main], "grade_per_s": shape["B"] / g["grade"],
            "startup_s": start["total"], "startup": start,
            "train_peak_fraction": frac[main], "train_peak_fraction_by_router": frac,
-           "gen_tok_s": shape["gen_tokens"] / g["generate"], "train_tok_s": shape["B"] * shape["T"] / train_s[main],
+           "gen_tok_s": shape["gen_tokens"] / g["generate"],
+           "gen_peak_fraction": 2 * shape["params"] * shape["gen_tokens"] / g["generate"] / shape["peak_flop_s"],
+           "train_tok_s": shape["B"] * shape["T"] / train_s[main],
            "peak_rss_mb": max(m[0] for m in mem.values()), "peak_rss_mb_by_phase": {k: m[0] for k, m in mem.items()},
            "peak_cuda_mb_by_phase": {k: m[1] for k, m in mem.items()} if str(device).startswith("cuda") else None}
     worst = max([v for k, v in res["backward_ratio"].items() if k != "plain"] or [1.0])
     res["targets_met"] = {"backward_ratio": worst <= TARGETS["backward_ratio"],
                           "grade_fraction": res["grade_fraction"] <= TARGETS["grade_fraction"],
                           "startup_s": start["total"] <= TARGETS["startup_s"],
-                          "train_peak_fraction": frac[main] >= TARGETS["train_peak_fraction"]}
+                          "train_peak_fraction": frac[main] >= TARGETS["train_peak_fraction"],
+                          "gen_peak_fraction": res["gen_peak_fraction"] >= TARGETS["gen_peak_fraction"]}
     return res
 
 
@@ -255,7 +260,8 @@ def table(s):
          f"{'CUDA MB' if s['peak_cuda_mb_by_phase'] else 'RSS MB':>8s}"]
     L += [f"{k:8s}" + "".join(f"{ph[p]:9.2f}" for p in PHASES) + f"{s['step_s'][k]:8.1f}{s['backward_ratio'][k]:9.2f}"
           f"{100 * s['train_peak_fraction_by_router'][k]:6.0f}%{mb[k]:8.0f}" for k, ph in s["phases_s"].items()]
-    L.append(f"generate {s['gen_tok_s']:.1f} tok/s ({s['gen_tokens']:.0f} sampled, peak {mb['generate']:.0f} MB) | "
+    L.append(f"generate {s['gen_tok_s']:.1f} tok/s ({s['gen_tokens']:.0f} sampled, "
+             f"{100 * s['gen_peak_fraction']:.0f}% of the peak at 2 x params a token, peak {mb['generate']:.0f} MB) | "
              f"train {s['train_tok_s']:.1f} tok/s ({s['main_router']}) | grade {s['grade_per_s']:.1f} "
              f"completions/s, {100 * s['grade_fraction']:.1f}% of the step")
     L.append(f"train phase {s['flops'] / 1e12:.2f} TFLOP (flops.py's count) at {s['main_router']}'s speed = "

@@ -12,8 +12,8 @@ Three sources:
   other    any Hugging Face id or local path: bf16 on CUDA, float32 on CPU. Qwen3 chat template
            with thinking off (`enable_thinking=False`). Not reachable offline -> one clear line.
 
-Sampling is written out (left padding + KV cache), because GRPO needs exactly the tokens that
-were sampled and the mask of which of them count (up to and including the first EOS).
+Sampling is written out in sampler.py, because GRPO needs exactly the tokens that were sampled
+and the mask of which of them count (up to and including the first EOS); generate() wraps it.
 
 Shapes: B rollouts, P prompt tokens (left padded), T new tokens, V vocab.
 
@@ -29,7 +29,9 @@ from urllib.parse import urlparse
 
 import torch
 from transformers.utils import logging as hf_logging
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+import sampler
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = os.environ.get("GR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradient-routing"))
@@ -186,40 +188,15 @@ class Rollouts:
     texts: list                    # B decoded completions (special tokens removed)
 
 
-@torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens=96, temperature=1.0, greedy=False, generator=None):
-    """Sample one completion per prompt string (repeat a prompt G times for a GRPO group)."""
+    """Sample one completion per prompt string (repeat a prompt G times for a GRPO group): sampler.py."""
     device = next(model.parameters()).device
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)  # (B, P)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    stops = torch.tensor(stop_ids(tok), device=device)
-    B, cache = ids.shape[0], DynamicCache()
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out_ids, out_mask = [], []
-    x = ids
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=x, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits[:, -1, :].float()  # (B, V)
-        if greedy:
-            nxt = logits.argmax(-1)  # (B,)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-        out_ids.append(nxt)
-        out_mask.append(~done)  # the stop token itself counts (the model must learn to stop)
-        done = done | torch.isin(nxt, stops)
-        if bool(done.all()):
-            break
-        x = nxt[:, None]                                     # (B, 1)
-        attn = torch.cat([attn, torch.ones_like(x)], dim=1)  # (B, P+t)
-        pos = pos[:, -1:] + 1                                # (B, 1)
-    completion_ids = torch.stack(out_ids, dim=1)              # (B, T)
-    completion_mask = torch.stack(out_mask, dim=1).long()     # (B, T)
-    texts = tok.batch_decode(completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id),
-                             skip_special_tokens=True)
-    return Rollouts(ids, attn[:, :ids.shape[1]], completion_ids, completion_mask, texts)
+    completion_ids, completion_mask = sampler.sample(model, ids, attn, max_new_tokens, stop_ids(tok), tok.pad_token_id,
+                                                     temperature, greedy, generator)  # (B, T)
+    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollouts(ids, attn, completion_ids, completion_mask, texts)
 
 
 def encode(tok, prompts, completions, device="cpu"):

@@ -5,6 +5,7 @@ this file) and ends with 'N passed, M failed'; `pytest` collects the same files 
 This file holds the model-loading tests (model.py); each concept has its own test file:
   test_env.py      the environment and detector (env.py, detector.py, data/)
   test_sandbox.py  the sandbox and the judges (sandbox.py, judges.py)
+  test_sampler.py  the sampler against a plain full-recompute one (sampler.py)
   test_routing.py  adapters, routers and v_hack (adapter.py, routing.py, vhack.py)
   test_update.py   one routed update and its optimizer (train.routed_update, grpo.py, optim.py)
   test_train.py    the training loop, its arguments and the teacher (train.py, config.py, teacher.py, bench.py,
@@ -26,7 +27,7 @@ import torch
 
 import model as M
 
-TEST_FILES = ("test_env", "test_sandbox", "test_routing", "test_update", "test_train", "test_eval",
+TEST_FILES = ("test_env", "test_sandbox", "test_sampler", "test_routing", "test_update", "test_train", "test_eval",
               "experiments/test_results")
 _loaded = {}
 

@@ -1,0 +1,83 @@
+"""
+Tests of the sampler (sampler.py): the fast path draws exactly the tokens of a plain sampler that
+recomputes the model's own forward over the whole sequence at every step, from the same generator.
+In float64, where summation order moves a logit by ~1e-12, the tokens are identical; the test
+runs there. Covered: shared prompts (groups), left padding, rows stopping at different steps
+(finished rows dropped from the batch), greedy and temperature, Llama (SmolLM2) and Qwen3 (q/k
+norms, tiny), and every adapter kind and mode the sampler reads weights from.
+"""
+import copy
+import sys
+
+import torch
+
+import adapter
+import model as M
+import sampler
+from test_all import loaded, run_all
+
+
+def batch(tok, group=3):
+    """Two distinct prompts of different lengths, each repeated `group` times, interleaved."""
+    ps = [M.chat_prompt(tok, "Write is_even(n) in Python, with a docstring."), M.chat_prompt(tok, "Hi")]
+    enc = tok([ps[i % 2] for i in range(2 * group)], return_tensors="pt", padding=True, padding_side="left",
+              add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask
+
+
+def same_draws(model, tok, T, stops, **kw):
+    ids, attn = batch(tok)
+    fast = sampler.sample(model, ids, attn, T, stops, tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(3), **kw)
+    plain = sampler.sample(model, ids, attn, T, stops, tok.pad_token_id, plain=True,
+                           generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1]), (fast, plain)
+    return fast
+
+
+def test_fast_sampler_draws_the_plain_samplers_tokens_llama():
+    model, tok = loaded("smollm2")
+    model = copy.deepcopy(model).double()
+    model.model.layers = model.model.layers[:4]  # SmolLM2's shapes, 4 of its 30 layers: the plain sampler is slow
+    ids, mask = same_draws(model, tok, 10, M.stop_ids(tok), temperature=1.3)
+    assert len(set(map(tuple, ids.tolist()))) > 2  # sampled, not one continuation per prompt
+
+
+def test_fast_sampler_draws_the_plain_samplers_tokens_qwen3_with_early_stops():
+    model, tok = loaded("tiny")
+    model = copy.deepcopy(model).double()
+    stops = list(range(0, len(tok), 3))  # a third of the vocabulary stops a row: rows end at different steps
+    for greedy in (False, True):
+        ids, mask = same_draws(model, tok, 12, stops, greedy=greedy)
+        lengths = mask.sum(1)
+        assert greedy or len(set(lengths.tolist())) > 1, lengths   # rows were dropped at different steps
+        for row, n in zip(ids, lengths):                            # each row: stop token last, pad after
+            assert row[n - 1].item() in stops or n == ids.shape[1]
+            assert (row[n:] == tok.pad_token_id).all()
+
+
+def test_weight_of_matches_every_adapter_kind_and_mode():
+    base, tok = loaded("tiny")
+    ids, attn = batch(tok, group=1)
+    for kind in ("svd", "split"):
+        m = copy.deepcopy(base).double()
+        adapter.wrap(m, kind, k_units=4)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in (q for n, q in m.named_parameters() if q.requires_grad):  # non-zero keep, quarantine, units
+                p.copy_(torch.randn_like(p) * 0.1)
+        for mode in ("train", "deployed", "base"):
+            with adapter.adapter_mode(m, mode), torch.no_grad():
+                want = m(input_ids=ids, attention_mask=attn,
+                         position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+                P = ids.shape[1]
+                keys = attn[:, None, None, :].bool() & torch.ones(P, P, dtype=torch.bool).tril()
+                keys |= torch.eye(P, dtype=torch.bool)
+                got = sampler.Decoder(m, 2, P + 1).forward(ids, (attn.cumsum(-1) - 1).clamp(min=0), keys, 0)
+            err = (got.double() - want.double()).abs().max().item()
+            assert err < 1e-4, (kind, mode, err)  # logits come back as float32: 1e-4 is float32 rounding
+    assert sampler.supported(base)
+
+
+if __name__ == "__main__":
+    sys.exit(1 if run_all([sys.modules[__name__]]) else 0)
