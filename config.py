@@ -33,6 +33,8 @@ def parser():
     p.add_argument("--router", default="grad", choices=list(routing.ROUTERS))
     p.add_argument("--vhack-k", type=int, default=1, help="top-k directions of v_grad per module")
     p.add_argument("--flagged-only", action="store_true", help="grad: only flagged rollouts are eligible")
+    p.add_argument("--share", type=float, default=routing.OPTS["share"],
+                   help="placebo, uniform: mean routed share (default: grad's, measured on SmolLM2)")
     p.add_argument("--gen-deployed", action="store_true", help="generate with the quarantine off")
     # weak detector (text only, never the oracle)
     p.add_argument("--seen", default="run_tests,file_marker", help="modes the detector can flag")
@@ -51,7 +53,7 @@ def parser():
     p.add_argument("--teacher-until", type=int, default=8, help="splice teacher hacks before this step")
     p.add_argument("--teach-modes", default="all", help="loophole modes that are demonstrated (all: --modes)")
     # GRPO
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="RL steps (0: the warm-up only)")
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -79,8 +81,12 @@ def get_args(argv=None):
 def check_args(a):
     if a.group_size < 2:
         ckpt.die("--group-size must be at least 2 (GRPO's baseline is the group mean)")
-    if min(a.steps, a.prompts, a.max_new_tokens, a.micro) <= 0:
-        ckpt.die("--steps, --prompts, --max-new-tokens and --micro must be positive")
+    if min(a.prompts, a.max_new_tokens, a.micro) <= 0 or a.steps < 0:
+        ckpt.die("--prompts, --max-new-tokens and --micro must be positive, --steps not negative (0: warm-up only)")
+    if a.steps == 0 and a.warmup_steps == 0:
+        ckpt.die("--steps 0 trains the warm-up only: give --warmup-steps > 0")
+    if not 0 < a.share <= 1:
+        ckpt.die("--share must be in (0, 1]")
     if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
         ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
     if a.flagged_only and routing.ROUTERS[a.router].f is not routing.route_grad:
@@ -121,6 +127,7 @@ class Recipe:
     beta: float
     gen_deployed: bool
     flagged_only: bool
+    share: float = routing.OPTS["share"]  # placebo, uniform: the mean routed share
     hack_share: float = 1.0  # of warm-up demonstrations on loophole prompts (eval's retain steps: 0)
 
 
@@ -129,4 +136,4 @@ def recipe(a):
                   prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                   temperature=a.temperature, teacher_frac=a.teacher_frac, teacher_until=a.teacher_until,
                   teach_modes=tuple(teach_modes(a)), micro=a.micro, beta=a.beta, gen_deployed=a.gen_deployed,
-                  flagged_only=a.flagged_only)
+                  flagged_only=a.flagged_only, share=a.share)

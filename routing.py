@@ -18,6 +18,8 @@ Module m, rollout b, position l; z = x Vh^T (delta_S coordinates), dh = dL/d(z *
     cos_b = mean_m cos(g_bm, v_m)                   v_m = sum of module m's k oriented v_grad axes
     grad:  f_b = clamp((cos_b - lo) / (hi - lo), 0, 1), band (lo, hi) calibrated on the pairs
     label: f_b = flag_b (the weak detector)         none, erase, screen, penalty: f_b = 0
+    placebo: grad's map on random axes, lo shifted so that mean_b f_b = share (controls the choice)
+    uniform: f_b = share (controls the deletion: no selection at all)
     act:   per token f_bl = [cos(z_bl, v_act) > tau], inside the backward
     erase: keep.grad (I - V^T V), the v_hack component projected out, nothing kept aside
 Sign: the loss is -A log p, so g_b = -A_b grad log p(o_b), and v_grad points along
@@ -50,7 +52,10 @@ import torch
 import adapter
 import grpo
 
-OPTS = {"flagged_only": False}  # grad: only flagged rollouts are eligible (--flagged-only)
+# flagged_only: grad routes only flagged rollouts (--flagged-only). share: the mean routed share of the
+# controls (--share); its default is grad's on SmolLM2, the mean of `routed` over the RL steps of the
+# three grad runs of the first headline (0.060, 0.027, 0.043).
+OPTS = {"flagged_only": False, "share": 0.043}
 ACT_TAU = 0.0  # act: a token is routed when cos(z, v_act) > tau
 
 
@@ -69,6 +74,22 @@ def route_grad(cos, flags, band, opts):
     if opts["flagged_only"]:  # only rollouts the weak detector flagged are eligible
         return f * flags.to(f)
     return f
+
+
+def route_uniform(cos, flags, band, opts):
+    """Control, no selection: every rollout routes the same share."""
+    return torch.full_like(cos, opts["share"])
+
+
+def route_placebo(cos, flags, band, opts):
+    """Control, a random direction: grad's map with the band's width, shifted (bisection on lo) so that
+    the step's mean f is exactly `share`, which matches grad's routed amount and leaves only the choice."""
+    c = cos[opts["seen"]] if "seen" in opts else cos  # the step's trained rollouts (Capture.seen)
+    w, lo, hi = band[1] - band[0], c.min().item() - band[1] + band[0], c.max().item()
+    for _ in range(60):  # mean f falls as lo rises: keep the share inside [mean f(hi), mean f(lo)]
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ((c - mid) / w).clamp(0, 1).mean() > opts["share"] else (lo, mid)
+    return ((cos - (lo + hi) / 2) / w).clamp(0, 1)
 
 
 def act_token_f(z, v_act):
@@ -101,6 +122,7 @@ class Router:
     keep_projection: Optional[Callable] = None  # erase: applied to the kept gradient
     rewards: Optional[Callable] = None      # screen, penalty: (rewards, flags) -> (rewards, valid) (grpo.py)
     deployed_keep: bool = False             # label: unflagged rollouts train the deployed model (below)
+    placebo: bool = False                   # placebo: v_hack's axes are random (vhack.extract_vhack)
 
 
 # label's deployed keep: f is known before the forward, so unflagged rollouts run as the deployed model
@@ -111,6 +133,8 @@ ROUTERS = {
     "label": Router(route_label, quarantine=True, deployed_keep=True),
     "act": Router(route_none, quarantine=True, needs_vhack=True, token=True),
     "grad": Router(route_grad, quarantine=True, needs_vhack=True),
+    "placebo": Router(route_placebo, quarantine=True, needs_vhack=True, placebo=True),
+    "uniform": Router(route_uniform, quarantine=True),
     "erase": Router(route_none, needs_vhack=True, keep_projection=erase_vhack),
     "screen": Router(route_none, rewards=grpo.screen),
     "penalty": Router(route_none, rewards=grpo.penalty),
@@ -225,7 +249,8 @@ class Capture:
         done = {n: s for n, s in self.slots.items() if s.g is not None}  # none if every loss was skipped
         G = {n: s.g for n, s in done.items() if isinstance(s.mod, adapter.SVDDelta)}
         self.cos = rollout_cos(G, self.vh) if self.vh and G else torch.full((self.n,), math.nan)
-        self.f = self.router.f(self.cos, self.flags, self.vh.band if self.vh else (0, 1), self.opts)
+        self.f = self.router.f(self.cos, self.flags, self.vh.band if self.vh else (0, 1),
+                               {**self.opts, "seen": self.seen})
         norms = [(0.0, 0.0)]
         for name, s in done.items():
             keep, quar = split(s.g, self.f.to(s.g), s.gt)

@@ -65,6 +65,8 @@ def test_every_router_runs_two_steps():
             assert all(s["f"] == 0.0 for s in ss), router
             st = load_file(os.path.join(out, "ckpt", "adapter.safetensors"))
             assert all(not v.any() for k, v in st.items() if k.endswith("s_quar")), router
+        if router in ("placebo", "uniform"):  # the controls route exactly the share, every step
+            assert all(abs(m["routed"] - routing.OPTS["share"]) < 1e-4 for m in ms), (router, ms)
         if router == "grad":  # f is the cosine mapped through the band and clamped: monotone in it, in [0, 1]
             cf = sorted((s["cos"], s["f"]) for s in ss)
             assert all(0 <= f <= 1 for _, f in cf) and all(a[1] <= b[1] for a, b in zip(cf, cf[1:])), cf
@@ -116,11 +118,21 @@ def test_vhack_axes_quarantine():
         assert torch.equal(m.quar_axes, vh.v_grad[name].T)
 
 
+def test_steps_zero_trains_the_warm_up_only():
+    """--steps 0: the warm-up's model, checkpointed, with an empty metrics log (what RL adds is measured
+    against it)."""
+    out = os.path.join(TMP, "warm-only")
+    assert run(FAST + ["--router", "none", "--steps", "0", "--out", out]) == 0
+    assert open(os.path.join(out, "metrics.jsonl")).read() == "" and metrics(out, "warmup.jsonl")
+    st = load_file(os.path.join(out, "ckpt", "adapter.safetensors"))
+    assert any(v.any() for k, v in st.items() if k.endswith("s_keep"))
+
+
 def test_bad_input_is_one_line_exit_2():
     ro = os.path.join(TMP, "readonly")
     os.makedirs(ro, exist_ok=True)
     os.chmod(ro, 0o500)
-    cases = [["--group-size", "1"], ["--steps", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
+    cases = [["--group-size", "1"], ["--steps", "0", "--warmup-steps", "0"], ["--steps", "-1"], ["--share", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
              ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--micro", "0"], ["--router", "label", "--flagged-only"],
              ["--modes", "run_tests", "--teach-modes", "exit_code"]]
     if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead

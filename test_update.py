@@ -12,8 +12,10 @@ import ckpt
 import config
 import grpo
 import optim
+import routing
 import test_routing as tr
 import train
+import vhack
 
 
 def test_routed_adamw():
@@ -123,6 +125,25 @@ def test_clipped_surrogate():
     assert torch.allclose(obj, torch.tensor([[-0.8, -1.0, -2.0, -5.0], [0.5, 1.0, 1.2, 1.2]]))
     obj.sum().backward()  # d(ratio * A)/d logp = ratio * A where unclipped, 0 where clipped
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.0, -2.0, -5.0], [0.5, 1.0, 0.0, 0.0]]))
+
+
+
+def test_control_routers_route_the_share():
+    """placebo: grad's map from cos to f (monotone, in [0, 1], the band's width) shifted so the mean is the
+    share, whatever the cosines; uniform: the share for every rollout. Placebo's axes: random, orthonormal,
+    oriented as the real ones are."""
+    g = torch.Generator().manual_seed(0)
+    for share, width, n in ((0.043, 0.35, 16), (0.5, 1e-3, 7), (0.2, 0.05, 64)):
+        cos = torch.randn(n, generator=g) * 0.1
+        opts = {**routing.OPTS, "share": share}
+        f = routing.route_placebo(cos, None, (0.1, 0.1 + width), opts)
+        assert abs(f.mean().item() - share) < 1e-6 and f.min() >= 0 and f.max() <= 1, (share, f)
+        assert (f[cos.argsort()].diff() >= 0).all()  # monotone in cos, as grad's
+        assert torch.equal(routing.route_uniform(cos, None, (0, 1), opts), torch.full_like(cos, share))
+    D = torch.randn(12, 40, generator=g) + 0.3
+    V = vhack.random_axes(D, 3, g)
+    assert torch.allclose(V @ V.T, torch.eye(3), atol=1e-5) and (V @ D.mean(0) > 0).all()
+    assert (V @ vhack.top_axes(D, 3).T).abs().max() < 0.9  # not the real axes
 
 
 if __name__ == "__main__":

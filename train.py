@@ -90,7 +90,7 @@ def routed_update(model, opt, r, adv, flags, active, vh, rc, kl=True, sampled=No
                     behave[j] = grpo.token_logp(model, subset(r, rows), rc.temperature)
     opt.zero_grad(set_to_none=True)
     cap = routing.Capture(model, n_rollouts=B, router=rc.router, vhack=vh, flags=flags,
-                          opts={"flagged_only": rc.flagged_only})
+                          opts={"flagged_only": rc.flagged_only, "share": rc.share})
     finite, off_tok, off_k1, off_clip = True, 0.0, 0.0, 0.0
     sums = {"kl": 0.0, "logp": 0.0, "entropy": 0.0}
     with cap:
@@ -226,8 +226,8 @@ def run(a):
     if a.resume:  # the adapter first: variant B's quarantine parameters are made by loading it
         start, state, vh = ckpt.load_ckpt(a.out, model)
     elif rc.router.needs_vhack or a.adapter == "vhack":
-        vh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed,
-                                 cache_dir=M.CACHE)  # cached by model, pairs and arguments
+        vh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed, cache_dir=M.CACHE,
+                                 placebo=rc.router.placebo)  # cached by model, pairs and arguments
         print("v_hack hold-out:", json.dumps(vh.report))
         if a.adapter == "vhack":
             vhack.set_vhack_axes(model, vh)
@@ -242,6 +242,7 @@ def run(a):
         ckpt.save_ckpt(a, model, opt, vh, 0, ckpt.rng_states(rng, gen))
     log_path = os.path.join(a.out, "metrics.jsonl")
     ckpt.truncate_log(log_path, start)
+    open(log_path, "a").close()  # --steps 0 (the warm-up only) leaves it empty
     signal.signal(signal.SIGTERM, ckpt.raise_interrupt)
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.router, dynamic_ncols=True)
     try:

@@ -112,8 +112,15 @@ def vhack_key(model, pairs, *args):
     return hashlib.sha1(json.dumps([pairs, args, model.config.name_or_path, sums]).encode()).hexdigest()[:16]
 
 
-def extract_vhack(model, tok, pairs, k=1, holdout=0.25, seed=0, batch=8, cache_dir=None):
-    """v_hack of every wrapped delta_S module from contrast pairs {prompt, hack, clean}."""
+def random_axes(D, k, gen):
+    """The placebo's axes: k random orthonormal directions (k, r), oriented as top_axes orients its own."""
+    V = torch.linalg.qr(torch.randn(D.shape[1], k, generator=gen)).Q.T                  # (k, r)
+    return V * torch.where(V @ D.mean(0) < 0, -1.0, 1.0)[:, None]
+
+
+def extract_vhack(model, tok, pairs, k=1, holdout=0.25, seed=0, batch=8, cache_dir=None, placebo=False):
+    """v_hack of every wrapped delta_S module from contrast pairs {prompt, hack, clean}. placebo: random
+    axes and v_act (seeded), oriented and band-calibrated on the same pairs, for the placebo router."""
     empty = [(i, s) for i, p in enumerate(pairs) for s in ("hack", "clean")
              if not tok(p[s], add_special_tokens=False).input_ids]
     if empty:
@@ -124,7 +131,8 @@ def extract_vhack(model, tok, pairs, k=1, holdout=0.25, seed=0, batch=8, cache_d
     if not 1 <= k <= len(tr):
         raise ValueError(f"extract_vhack: k={k} axes need 1 <= k <= {len(tr)} extraction pairs "
                          f"({len(pairs)} pairs, holdout={holdout})")
-    path = cache_dir and os.path.join(cache_dir, "vhack-" + vhack_key(model, pairs, k, holdout, seed))
+    args = (k, holdout, seed) + (("placebo",) if placebo else ())
+    path = cache_dir and os.path.join(cache_dir, "vhack-" + vhack_key(model, pairs, *args))
     if path and os.path.exists(path + ".json"):
         return VHack.load(path)
     prompts = [p["prompt"] if "<|im_start|>" in p["prompt"] else chat_prompt(tok, p["prompt"]) for p in pairs]
@@ -133,6 +141,10 @@ def extract_vhack(model, tok, pairs, k=1, holdout=0.25, seed=0, batch=8, cache_d
     # g = -grad log p, so grad log p(clean) - grad log p(hack) = g_hack - g_clean
     vh = VHack({n: top_axes(gh[n][tr] - gc[n][tr], k) for n in gh},
                {n: F.normalize((ah[n][tr] - ac[n][tr]).mean(0), dim=0) for n in ah})  # (k, r), (r,)
+    if placebo:
+        gen = torch.Generator().manual_seed(seed + 2)
+        vh = VHack({n: random_axes(gh[n][tr] - gc[n][tr], k, gen) for n in sorted(gh)},
+                   {n: F.normalize(torch.randn(ah[n].shape[1], generator=gen), dim=0) for n in sorted(ah)})
     lo, hi = band_of(gh, gc, tr, vh)
     vh.band = (lo, max(hi, lo + 1e-3))  # deviation 2
     vh.report = holdout_report(gh, gc, ah, ac, tr, ho, vh, seed)
