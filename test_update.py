@@ -127,7 +127,6 @@ def test_clipped_surrogate():
     assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.0, -2.0, -5.0], [0.5, 1.0, 0.0, 0.0]]))
 
 
-
 def test_control_routers_route_the_share():
     """placebo: grad's map from cos to f (monotone, in [0, 1], the band's width) shifted so the mean is the
     share, whatever the cosines; uniform: the share for every rollout. Placebo's axes: random, orthonormal,
