@@ -53,8 +53,13 @@ def rollouts(model, tok, problems, modes, a, det, seed):
         prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in chunk]
         texts = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gen).texts
         grades = env.grade_batch([p for p, _ in chunk], texts, [m for _, m in chunk])
+        again = [i for i, g in enumerate(grades) if g.timed_out]  # a loaded box: once more, then `timeout`
+        for i, g in zip(again, env.grade_batch([chunk[i][0] for i in again], [texts[i] for i in again],
+                                               [chunk[i][1] for i in again])):
+            grades[i] = g
         flags = det.flags(texts)
         rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "compiled": g.compiled,
+                  "attempt": report.attempted(env.extract_code(t), m), "timeout": g.timed_out, "note": g.note,
                   "flag": f, "reward": g.reward, "text": t} for (p, m), g, f, t in zip(chunk, grades, flags, texts)]
     return rows
 
@@ -160,8 +165,10 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Deploy evaluation of a train.py run")
     p.add_argument("--ckpt", required=True, help="the run's --out directory")
     p.add_argument("--ablate", default="zero", choices=["zero", "reinit"])
-    p.add_argument("--n", type=int, default=16, help="held-out problems per mode")
-    p.add_argument("--batch", type=int, default=40, help="completions generated at once")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="held-out problems (family-disjoint from training); choose settings on validation")
+    p.add_argument("--n", type=int, default=None, help="held-out problems per mode (default: the whole split)")
+    p.add_argument("--batch", type=int, default=64, help="completions generated at once")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's")
     p.add_argument("--relearn-steps", type=int, default=0)
@@ -195,9 +202,9 @@ def main(argv=None, plot=True):
     seen = tuple(run.seen.split(","))
     det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=a.seed)  # an exact detector for the flagged rate
     diff = run.difficulty  # held-out problems of the levels the run trained on
-    problems = env.load_problems(run.source, "test", n=a.n, seed=a.seed, difficulty=diff)
+    problems = env.load_problems(run.source, a.split, n=a.n, seed=a.seed, difficulty=diff)
     if not problems:
-        ckpt.die(f"no test problems for source {run.source}")
+        ckpt.die(f"no {a.split} problems for source {run.source}")
     train_problems = env.load_problems(run.source, "train", difficulty=diff)  # the retain and relearn steps'
     modes = env.MODES + ("none",)
     adjacent = env.load_problems("adjacent", "test")

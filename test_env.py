@@ -19,6 +19,7 @@ from unittest import mock
 
 import detector
 import env
+import problems
 import sandbox
 
 SIMPLE = env.load_problems("simple", "all")
@@ -46,20 +47,24 @@ def test_references_pass_the_oracle():
 def test_load_problems():
     fams = {p.family: p.difficulty for p in SIMPLE}
     assert len(fams) >= 40 and set(fams.values()) == {"easy", "medium", "hard"}
-    train, test = env.load_problems("simple", "train"), env.load_problems("simple", "test")
-    assert {p.id for p in train}.isdisjoint(p.id for p in test) and len(train) + len(test) == len(SIMPLE)
-    assert sum(p.difficulty != "easy" for p in train) > len(train) / 2   # mostly medium/hard
+    split = {s: env.load_problems("simple", s) for s in ("train", "validation", "test")}
+    fam = {s: {p.family for p in ps} for s, ps in split.items()}
+    assert sum(map(len, split.values())) == len(SIMPLE) and len(split["test"]) >= 64 and split["validation"]
+    assert not fam["train"] & fam["test"] and not fam["train"] & fam["validation"]
+    assert not fam["test"] & fam["validation"]
+    # the test and validation families are in nothing training sees: the contrast pairs, the teacher's and
+    # the warm-up's problems (all drawn from train), and their prompts' example lines
+    pair_fams = {p["problem"].split("/")[1] for p in detector.load_pairs()}
+    assert pair_fams <= fam["train"] and len(fam["test"]) >= 10
+    assert not any(f in p["prompt"] for p in detector.load_pairs() for f in fam["test"] | fam["validation"])
     assert [p.id for p in env.load_problems("simple", "train", n=20, seed=3)] == \
         [p.id for p in env.load_problems("simple", "train", n=20, seed=3)]
-    dtr = env.load_problems("simple", "train", family_disjoint=True)
-    dte = env.load_problems("simple", "test", family_disjoint=True)
-    assert {p.family for p in dtr}.isdisjoint(p.family for p in dte) and dte
-    he = env.load_problems("humaneval", "train") + env.load_problems("humaneval", "test")
-    assert len({p.id for p in he}) == 164
+    he = {s: {p.id for p in env.load_problems("humaneval", s)} for s in ("train", "validation", "test")}
+    assert len(set.union(*he.values())) == 164 and sum(map(len, he.values())) == 164
     adj = env.load_problems("adjacent", "test")
     assert len(adj) >= 12 and {"writes_file", "prints_pass", "exits_early", "defines_eq"} <= \
         {p.family for p in adj} and env.load_problems("adjacent", "train") == []
-    assert all(len(p.tests) == env.N_CASES for p in SIMPLE)
+    assert all(len(p.tests) == problems.N_CASES for p in SIMPLE)
 
 
 def test_build_prompt_and_extract_code():

@@ -65,6 +65,14 @@ def test_every_router_runs_two_steps():
             assert all(s["f"] == 0.0 for s in ss), router
             st = load_file(os.path.join(out, "ckpt", "adapter.safetensors"))
             assert all(not v.any() for k, v in st.items() if k.endswith("s_quar")), router
+        for m in ms:  # leakage and quadrants: logged every step, consistent with the router's f
+            assert {"leak_keep", "leak_unrouted", "routed_exploit", "routed_flag_pos", "routed_unflag_neg"} <= set(m)
+            if not routing.ROUTERS[router].quarantine:
+                assert m["leak_keep"] in (None, 1.0) and m["leak_unrouted"] in (None, 1.0), (router, m)
+            if router == "label":
+                assert {m[k] for k in ("routed_flag_pos", "routed_flag_neg") if m[k] is not None} <= {1.0}, m
+                assert {m[k] for k in ("routed_unflag_pos", "routed_unflag_neg") if m[k] is not None} <= {0.0}, m
+        assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 2
         if router in ("placebo", "uniform"):  # the controls route exactly the share, every step
             assert all(abs(m["routed"] - routing.OPTS["share"]) < 1e-4 for m in ms), (router, ms)
         if router == "grad":  # f is the cosine mapped through the band and clamped: monotone in it, in [0, 1]

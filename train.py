@@ -117,7 +117,7 @@ def routed_update(model, opt, r, adv, flags, active, vh, rc, kl=True, sampled=No
             sums["logp"] += (logp.detach() * mask).sum().item()
             sums["entropy"] += (ent * mask).sum().item()
     stats = cap.route()  # the split equation: keep and quarantine .grad
-    stats["rollout"] = {"cos": cap.cos, "f": cap.f}  # per rollout, for the samples log (popped by rl_step)
+    stats["rollout"] = {"cos": cap.cos, "f": cap.f, **metrics.routed_mass(cap)}  # per rollout, for the logs
     finite &= all(bool(torch.isfinite(p.grad).all()) for g in opt.param_groups for p in g["params"]
                   if p.grad is not None)
     if finite:  # a non-finite loss or gradient skips the update (logged), never poisons the weights
@@ -171,7 +171,8 @@ def rl_step(model, tok, opt, det, vh, problems, step, rng, gen, rc):
     t3 = time.time()
     ro = upd.pop("rollout", None) or {"cos": torch.full((len(probs),), math.nan), "f": torch.zeros(len(probs))}
     m = {"step": step, **metrics.step_metrics(grades, pmodes, flags, taught, r),
-         **metrics.cos_split(grades, adv, active, ro["cos"]), **upd, "band": vh and list(vh.band),
+         **metrics.cos_split(grades, adv, active, ro["cos"]), **metrics.leakage(grades, flags, adv, active, ro),
+         **upd, "band": vh and list(vh.band),
          "active": len(active), "t_gen": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2}
     samples = metrics.samples(step, probs, pmodes, taught, grades, flags, adv, ro, r.texts, every=G // 2)
     return m, samples
@@ -261,7 +262,8 @@ def run(a):
     except KeyboardInterrupt:
         print(f"\ninterrupted: every logged step is checkpointed; continue with --resume {a.out}", file=sys.stderr)
         sys.exit(130)
-    print(f"done: {a.out}/metrics.jsonl, {a.out}/ckpt")
+    metrics.summary(a.out)
+    print(f"done: {a.out}/metrics.jsonl, {a.out}/summary.json, {a.out}/ckpt")
 
 
 def main(argv=None):
