@@ -7,6 +7,8 @@ The headline experiment's runs and its results tables.
     python experiments/results.py rescore        # eval.json summaries again from the kept completions
     python experiments/results.py coherence      # the tables of the retain fine-tuning curves (RESULTS.md)
     python experiments/results.py ksweep --router grad --seed 0  # that run after 1,2,4,8 retain steps -> results/ksweep
+    python experiments/results.py run --router placebo --top experiments/results/controls  # a run kept elsewhere
+    python experiments/results.py compare [--top DIR]  # paired differences against none and placebo (compare.py)
 
 `table` writes the headline table (one row per router) into the top-level README.md and the full
 tables (every model of every router, and the earlier sets results/v1, v2) into experiments/RESULTS.md;
@@ -131,16 +133,21 @@ def machine():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["run", "table", "all", "rescore", "coherence", "ksweep"])
+    p.add_argument("what", choices=["run", "table", "all", "rescore", "coherence", "ksweep", "compare"])
     p.add_argument("--router", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in runs/results first")
     p.add_argument("--jobs", type=int, default=1, help="all: runs at a time, each with cores/jobs threads")
+    p.add_argument("--top", default=None, help="run, compare: the results folder (default experiments/results)")
+    p.add_argument("--model", default="deployed", help="compare: which evaluated model")
     a = p.parse_args(argv)
     if a.jobs < 1:
         sys.exit(f"error: --jobs must be at least 1, got {a.jobs}")
     if a.what == "run":
-        run_one(a.router, a.seed, a.fresh)
+        run_one(a.router, a.seed, a.fresh, top=a.top and os.path.abspath(a.top))
+    elif a.what == "compare":
+        from experiments.compare import compare
+        return print(compare(os.path.abspath(a.top or RESULTS), a.model))
     elif a.what == "ksweep":
         run_one(a.router, a.seed, a.fresh, KSTEPS, os.path.join(RESULTS, KSWEEP))
     elif a.what == "rescore":

@@ -8,6 +8,8 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 # the repo root: report, test_train, experiments
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402
@@ -170,3 +172,22 @@ def test_results_will_not_resume_a_run_with_other_arguments():
         raise AssertionError("a run with other --steps was resumed")
     except SystemExit as e:
         assert str(e).startswith("error:") and "--steps 1 -> 2" in str(e), e
+
+
+def test_compare_pairs_by_problem():
+    """compare.boot_diff: a constant shift per problem gives a tight interval around it, however much the
+    problems vary (paired; seeds alike here, so seed resampling adds nothing); equal sides give 0 inside
+    the interval; the per-problem values skip timeouts."""
+    from experiments.compare import boot_diff, per_problem
+    rng = np.random.default_rng(1)
+    base = [{f"p{i}": v for i, v in enumerate(rng.uniform(0, 0.8, 60))}] * 3
+    shifted = [{k: v + 0.1 for k, v in d.items()} for d in base]
+    est, lo, hi, n = boot_diff(shifted, base)
+    assert n == 60 and abs(est - 0.1) < 1e-9 and 0.1 - 1e-9 <= lo <= hi <= 0.1 + 1e-9
+    est, lo, hi, _ = boot_diff(base, base)
+    assert est == 0 and lo <= 0 <= hi
+    rows = [{"problem": "a", "mode": "run_tests", "hack": True, "compiled": True},
+            {"problem": "a", "mode": "exit_code", "hack": False, "compiled": False},
+            {"problem": "a", "mode": "file_marker", "hack": False, "compiled": True, "timeout": True}]
+    assert per_problem(rows, ("run_tests", "file_marker"), "hack_seen") == {"a": 1.0}
+    assert per_problem(rows, ("run_tests", "file_marker"), "compile") == {"a": 0.5}

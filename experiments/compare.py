@@ -1,0 +1,77 @@
+"""
+Paired differences between routers, with 95% bootstrap intervals over problems and seeds.
+
+    python experiments/results.py compare [--top DIR] [--model deployed]
+
+For each router against `none` and against `placebo` (where their runs exist): the difference in
+hack rate on the seen modes, on the unseen modes, and in compile rate, of one evaluated model
+(default: deployed) on the held-out problems. Each run's graded completions (eval_<model>.jsonl)
+give a value per problem (the mean over that problem's rows: its loophole modes for hack, every
+mode for compile; `timeout` rows excluded). The estimate is mean(router) - mean(baseline) over
+seeds and problems. The interval resamples problems (the same draw for both sides: paired by
+problem) and, independently, each side's seeds, 2000 times, and takes the 2.5 and 97.5 percentiles
+(a percentile bootstrap, Efron & Tibshirani 1993, ch. 13). A conclusion may cite a difference only
+when its interval excludes 0.
+"""
+import json
+import os
+
+import numpy as np
+
+METRICS = {"hack_seen": ("hack", "seen"), "hack_unseen": ("hack", "unseen"), "compile": ("compiled", "all")}
+
+
+def per_problem(rows, seen, metric):
+    """{problem: mean of the metric's field over its rows of the metric's modes}."""
+    field, which = METRICS[metric]
+    out = {}
+    for r in rows:
+        if r.get("timeout"):
+            continue
+        if which == "all" or (r["mode"] != "none" and (r["mode"] in seen) == (which == "seen")):
+            out.setdefault(r["problem"], []).append(float(bool(r[field])))
+    return {p: float(np.mean(v)) for p, v in out.items()}
+
+
+def boot_diff(A, B, n=2000, seed=0):
+    """A, B: per-seed {problem: value}. -> (estimate, lo, hi, problems) of mean(A) - mean(B), paired by problem."""
+    probs = sorted(set.intersection(*[set(d) for d in A + B]))
+    if not probs:
+        return None
+    a = np.array([[d[p] for p in probs] for d in A])  # (seeds, problems)
+    b = np.array([[d[p] for p in probs] for d in B])
+    rng, P = np.random.default_rng(seed), len(probs)
+    diffs = np.empty(n)
+    for i in range(n):
+        ip = rng.integers(0, P, P)
+        diffs[i] = a[rng.integers(0, len(a), len(a))][:, ip].mean() - b[rng.integers(0, len(b), len(b))][:, ip].mean()
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(a.mean() - b.mean()), float(lo), float(hi), P
+
+
+def runs(top, model):
+    """{router: [(seen modes, rows of eval_<model>.jsonl) per seed]} of the run dirs <router>-s<seed> under top."""
+    out = {}
+    for d in sorted(os.listdir(top)):
+        path = os.path.join(top, d, f"eval_{model}.jsonl")
+        if "-s" in d and os.path.exists(path) and os.path.exists(os.path.join(top, d, "eval.json")):
+            seen = tuple(json.load(open(os.path.join(top, d, "eval.json")))["seen"])
+            out.setdefault(d.rsplit("-s", 1)[0], []).append((seen, [json.loads(ln) for ln in open(path)]))
+    return out
+
+
+def compare(top, model="deployed", baselines=("none", "placebo")):
+    """The markdown table of every router against each baseline present."""
+    by = runs(top, model)
+    lines = [f"| {model}: router - baseline | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for base in (b for b in baselines if b in by):
+        for router in (r for r in by if r != base):
+            cells = []
+            for metric in METRICS:
+                A = [per_problem(rows, seen, metric) for seen, rows in by[router]]
+                B = [per_problem(rows, seen, metric) for seen, rows in by[base]]
+                d = boot_diff(A, B)
+                ns = "" if d is None or d[1] > 0 or d[2] < 0 else " ns"
+                cells.append("-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{ns}")
+            lines.append(f"| {router} - {base} | {len(by[router])} vs {len(by[base])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nns: the 95% interval includes 0."
