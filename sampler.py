@@ -50,19 +50,19 @@ def weight_of(m):
 
 
 class Fused:
-    """Several linears on one input as one matmul: x -> [x W_1^T + b_1, x W_2^T + b_2, ...]."""
+    """Several linears on one input: x -> [x W_1^T + b_1, x W_2^T + b_2, ...]. On CPU one matmul with the
+    weights concatenated and transposed (a copy, per sampling call); on a GPU the weights as they are."""
 
     def __init__(self, mods):
-        Ws = [weight_of(m) for m in mods]
-        self.sizes = [W.shape[0] for W in Ws]
-        bs = [getattr(getattr(m, "base", m), "bias", None) for m in mods]
-        self.b = torch.cat(bs) if all(b is not None for b in bs) else None
-        self.Wt = torch.cat(Ws).T.contiguous() if Ws[0].device.type == "cpu" else None  # (d_in, sum d_out)
-        self.W = None if self.Wt is not None else torch.cat(Ws)
+        self.Ws = [weight_of(m) for m in mods]
+        self.bs = [getattr(getattr(m, "base", m), "bias", None) for m in mods]
+        self.Wt = torch.cat(self.Ws).T.contiguous() if self.Ws[0].device.type == "cpu" else None  # (d_in, sum d_out)
 
     def __call__(self, x):
-        y = x @ self.Wt if self.Wt is not None else F.linear(x, self.W)
-        return (y if self.b is None else y + self.b).split(self.sizes, -1)
+        if self.Wt is None:
+            return [F.linear(x, W, b) for W, b in zip(self.Ws, self.bs)]
+        ys = (x @ self.Wt).split([W.shape[0] for W in self.Ws], -1)
+        return [y if b is None else y + b for y, b in zip(ys, self.bs)]
 
 
 def supported(model):
