@@ -201,8 +201,8 @@ def main(argv=None, plot=True):
     a.temperature = a.temperature or run.temperature
     seen = tuple(run.seen.split(","))
     det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=a.seed)  # an exact detector for the flagged rate
-    diff = run.difficulty  # held-out problems of the levels the run trained on
-    problems = env.load_problems(run.source, a.split, n=a.n, seed=a.seed, difficulty=diff)
+    diff = run.difficulty  # the retain and relearn steps train on the run's levels; held out: every level
+    problems = env.load_problems(run.source, a.split, n=a.n, seed=a.seed)
     if not problems:
         ckpt.die(f"no {a.split} problems for source {run.source}")
     train_problems = env.load_problems(run.source, "train", difficulty=diff)  # the retain and relearn steps'
