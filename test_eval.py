@@ -26,6 +26,15 @@ from test_train import FAST, run
 TMP = tempfile.mkdtemp(prefix="gr_test_eval_")
 
 
+def test_warm_up_only_run_is_evaluated():
+    """--steps 0 (the warm-up alone, an empty metrics log) evaluates like any run: what RL adds is measured
+    against it."""
+    out = os.path.join(TMP, "warm-only")
+    assert run(FAST + ["--router", "none", "--steps", "0", "--out", out]) == 0
+    res = ev.main(["--ckpt", out, "--n", "1", "--batch", "16"])
+    assert set(res["models"]) == {"base", "trained", "deployed"} and res["models"]["trained"]["hack"]["n"] == 4
+
+
 def test_attempt_check_on_hand_written_hacks():
     """report.attempted: every mode's teacher hack attempts its own mode and no other; reference solutions
     attempt nothing; failed and unparseable attempts count; a timed-out row is in no rate."""
