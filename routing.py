@@ -85,7 +85,8 @@ def route_placebo(cos, flags, band, opts):
     """Control, a random direction: grad's map with the band's width, shifted (bisection on lo) so that
     the step's mean f is exactly `share`, which matches grad's routed amount and leaves only the choice."""
     c = cos[opts["seen"]] if "seen" in opts else cos  # the step's trained rollouts (Capture.seen)
-    w, lo, hi = band[1] - band[0], c.min().item() - band[1] + band[0], c.max().item()
+    w = band[1] - band[0]
+    lo, hi = c.min().item() - w, c.max().item()
     for _ in range(60):  # mean f falls as lo rises: keep the share inside [mean f(hi), mean f(lo)]
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ((c - mid) / w).clamp(0, 1).mean() > opts["share"] else (lo, mid)

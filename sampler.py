@@ -124,6 +124,13 @@ class Decoder:
                 C[i][:, :, :end] = c[rows, :, :end]
 
 
+def prefill_keys(attn):
+    """The prompt's attention mask (n, 1, P, P): causal over real tokens; a pad query sees itself (no NaN rows)."""
+    P = attn.shape[1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=attn.device).tril()
+    return (attn[:, None, None, :].bool() & causal) | torch.eye(P, dtype=torch.bool, device=attn.device)
+
+
 def draw(logits, u, temperature, greedy):
     """Inverse-CDF sampling with the given uniforms: the token where cumsum(softmax) first exceeds u."""
     if greedy:
@@ -150,9 +157,7 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
         uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)  # row -> prompt
         first = torch.tensor([inv.tolist().index(j) for j in range(len(uniq))], device=dev)
         dec, pos = Decoder(model, B, P + T), (attn.cumsum(-1) - 1).clamp(min=0)          # (B, P)
-        causal = keys[:, None, None, :P] & torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        causal |= torch.eye(P, dtype=torch.bool, device=dev)  # a pad query sees itself (no NaN rows)
-        logits = dec.forward(ids[first], pos[first], causal[first], 0)[inv]             # (B, V)
+        logits = dec.forward(ids[first], pos[first], prefill_keys(attn[first]), 0)[inv]  # (B, V)
         for C in (dec.K, dec.V):
             for c in C:
                 c[:] = c[inv]
