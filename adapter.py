@@ -16,8 +16,9 @@ Deviations:
   2. The forward never depends on routing. While routing.Capture attaches a Slot (`.slot`), the
      delta and the forget units run through its per-rollout gradient capture (routing.py).
   3. ablate("reinit") leaves s_quar at zero: a singular-value offset is never a dead unit.
-  4. U, S, Vh are float32 buffers, the delta path runs in float32: exact on CPU; on a bf16 GPU
-     model that is 2x the wrapped weights' memory (TODO: bf16 buffers, or `rank`).
+  4. U, Vh in the model's dtype (bf16 on a GPU), S and the offsets float32; `rank` keeps the top-r
+     singular directions. W is kept and U diag(s) Vh added, so s = 0 is the base model EXACTLY at any
+     rank and dtype: rank and dtype only limit what training reaches (dW in the span of the top-r U, Vh).
   5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode and
      keyed on the value of s: sampling costs what the base model costs.
   6. Variant B (vhack.set_vhack_axes): the quarantine is the v_hack axes of delta_S itself,
@@ -62,7 +63,7 @@ class SVDDelta(nn.Module):
     @property
     def weight(self):
         """The plain weight this module computes: W + U diag(s) Vh  (d_out, d_in)."""
-        return self.base.weight + ((self.U * self.offset()) @ self.Vh).to(self.base.weight.dtype)
+        return self.base.weight + ((self.U * self.offset().to(self.U.dtype)) @ self.Vh).to(self.base.weight.dtype)
 
     def merged(self):
         s, hit = self.offset().detach(), self._cache.get(self.mode)
@@ -78,7 +79,7 @@ class SVDDelta(nn.Module):
         y = self.base(x)                                                   # (b, L, d_out)
         z = x.to(self.Vh.dtype) @ self.Vh.T                                # (b, L, r)
         h = z * self.offset() if self.slot is None else self.slot.scale(z, self.offset())  # (b, L, r)
-        return y + (h @ self.U.T).to(y.dtype)                              # (b, L, d_out)
+        return y + (h.to(self.U.dtype) @ self.U.T).to(y.dtype)             # (b, L, d_out)
 
 
 class SplitLinearOut(nn.Module):
@@ -142,19 +143,21 @@ def find_targets(model, targets, layers):
 
 
 def svd_factors(found, rank=None, cache_file=None):
-    """{name: (U, S, Vh)} float32, truncated to `rank`; from the disk cache when the weight matches."""
+    """{name: (U, S, Vh)}, the top-`rank` singular triplets of each found Linear's W, computed in float32;
+    U and Vh in W's dtype, S float32. From the disk cache when the weight matches."""
     cache = load_file(cache_file) if cache_file and os.path.exists(cache_file) else {}
     dirty, out = False, {}
     for name, lin in found:
         W = lin.weight.detach()
-        fp = torch.stack([W.double().sum(), W.double().square().sum()])  # fingerprint of the weight
+        fp = torch.stack([W.double().sum(), W.double().square().sum()]).cpu()  # fingerprint of the weight
         if f"{name}.fp" not in cache or not torch.allclose(cache[f"{name}.fp"], fp, rtol=1e-9, atol=0):
-            U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)  # (d_out, r) (r,) (r, d_in)
+            U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+            r = rank or len(S)  # copies, not views: a view of the top r would keep all of U or Vh alive
+            U, S, Vh = (t.clone(memory_format=torch.contiguous_format)
+                        for t in (U[:, :r].to(W.dtype), S[:r], Vh[:r].to(W.dtype)))  # (d_out, r) (r,) (r, d_in)
             cache.update({f"{name}.U": U, f"{name}.S": S, f"{name}.Vh": Vh, f"{name}.fp": fp})
             dirty = True
-        r = rank or len(cache[f"{name}.S"])
-        out[name] = tuple(t.to(W.device).contiguous() for t in (cache[f"{name}.U"][:, :r], cache[f"{name}.S"][:r],
-                                                                cache[f"{name}.Vh"][:r]))
+        out[name] = tuple(cache[f"{name}.{k}"].to(W.device).contiguous() for k in ("U", "S", "Vh"))
     if dirty and cache_file:
         os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in cache.items()}, f"{cache_file}.tmp{os.getpid()}")
@@ -182,18 +185,19 @@ WRAPPERS = {"svd": wrap_svd, "split": wrap_split}
 
 
 def wrap(model, kind="svd", targets=TARGETS, layers=None, k_units=32, rank=None, cache_dir=None, model_id=None):
-    """Replace the target nn.Linear modules in place; returns {name: wrapper}. SVDs cached per model id."""
+    """Replace the target nn.Linear modules in place; returns {name: wrapper}. The SVDs are cached in
+    cache_dir (model.CACHE: $GR_CACHE, else ~/.cache/gradient-routing), a file per model id, rank and dtype."""
     if kind not in WRAPPERS:
         raise ValueError(f"wrap: kind must be one of {sorted(WRAPPERS)}, got {kind!r}")
     found = find_targets(model, targets, layers)
     if kind == "split" and not {"gate_proj", "up_proj", "down_proj"} <= {n.rpartition(".")[2] for n, _ in found}:
         raise ValueError("wrap(kind='split') needs all of gate_proj, up_proj, down_proj among the targets")
     mid = model_id or getattr(model.config, "name_or_path", "") or "model"
-    cache_file = cache_dir and os.path.join(cache_dir, f"svd-{os.path.basename(mid.rstrip('/'))}-"
-                                                       f"{hashlib.sha1(mid.encode()).hexdigest()[:8]}.safetensors")
-    svd, out = svd_factors(found, rank, cache_file), {}
+    key = f"{hashlib.sha1(mid.encode()).hexdigest()[:8]}-r{rank or 'all'}-{str(found[0][1].weight.dtype)[6:]}"
+    cache_file = cache_dir and os.path.join(cache_dir, f"svd-{os.path.basename(mid.rstrip('/'))}-{key}.safetensors")
+    factors, out = svd_factors(found, rank, cache_file), {}
     for name, lin in found:
-        out[name] = WRAPPERS[kind](name.rpartition(".")[2], SVDDelta(lin, *svd[name]), k_units)
+        out[name] = WRAPPERS[kind](name.rpartition(".")[2], SVDDelta(lin, *factors[name]), k_units)
         set_module(model, name, out[name])
     return out
 

@@ -84,7 +84,12 @@ def load_ckpt(out, model):
 def saved_args(out):
     """The arguments the run in out was started with, or None."""
     path = os.path.join(out, "ckpt", "args.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    saved = json.load(open(path))
+    if "wrap_layers" not in saved:  # older runs: "layers" meant --wrap-layers, nothing was trimmed, full rank
+        saved.update(wrap_layers=saved.get("layers", 12), layers=0, rank=0)
+    return saved
 
 
 def given_args(parser, argv):
@@ -137,12 +142,12 @@ def raise_interrupt(*_):
 
 def build(a, device):
     """Load the base model and wrap it as the run's arguments say (train.py and eval.py share this)."""
-    model, tok = M.load_model(a.model, device)
-    n_layers = model.config.num_hidden_layers
-    layers = list(range(n_layers - a.layers, n_layers)) if 0 < a.layers < n_layers else None
+    model, tok = M.load_model(a.model, device, a.layers)
+    n_layers = model.config.num_hidden_layers  # after --layers trimmed it
+    layers = list(range(n_layers - a.wrap_layers, n_layers)) if 0 < a.wrap_layers < n_layers else None
     try:
         adapter.wrap(model, kind=WRAP_KIND[a.adapter], targets=tuple(a.targets.split(",")), layers=layers,
-                     k_units=a.k_units, model_id=a.model, cache_dir=M.CACHE)
+                     k_units=a.k_units, rank=a.rank or None, model_id=a.model, cache_dir=M.CACHE)
     except ValueError as e:
         die(str(e))
     return model, tok
@@ -154,7 +159,7 @@ def load_run(out, device="cpu"):
     path = os.path.join(d, "args.json")
     if not os.path.exists(path):
         die(f"{out}: no checkpoint ({path} missing); train with: python train.py --out {out}")
-    saved = json.load(open(path))
+    saved = saved_args(out)
     if saved.get("format") != FORMAT:
         die(f"{out}: checkpoint format {saved.get('format')} is not {FORMAT}; retrain it with this version")
     a = argparse.Namespace(**saved)

@@ -9,17 +9,20 @@ Three sources:
   tiny     a randomly initialised Qwen3 (q/k norms, GQA, SwiGLU: the Qwen3-4B family) with 2
            layers and width 64, for tests. It borrows the SmolLM2 tokenizer (no network) and gets
            a Qwen3-style chat template, so the thinking-off prompt path is exercised.
+  qwen3-4b-random  Qwen3-4B's architecture (data/qwen3-4b.json, its HF config.json) with random
+           weights and tiny's tokenizer and template: the real shapes without a GPU or a download.
   other    any Hugging Face id or local path: bf16 on CUDA, float32 on CPU. Qwen3 chat template
            with thinking off (`enable_thinking=False`). Not reachable offline -> one clear line.
 
-Sampling is written out in sampler.py, because GRPO needs exactly the tokens that were sampled
-and the mask of which of them count (up to and including the first EOS); generate() wraps it.
+`layers` > 0 keeps any model's first N decoder layers (trim): on a CPU one step then runs at the real
+hidden size, vocabulary and head layout. Sampling is written out in sampler.py; generate() wraps it.
 
 Shapes: B rollouts, P prompt tokens (left padded), T new tokens, V vocab.
 
 Deviations: none (no paper here).
 """
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
@@ -35,6 +39,7 @@ import sampler
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = os.environ.get("GR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gradient-routing"))
+GEN_ROWS = 64  # rollouts sampled at once: Qwen3-4B's KV cache for 64 x 1324 tokens is ~12.5 GB in bf16
 
 # Qwen3's template reduced to what we use (system/user/assistant turns, thinking off): the
 # generation prompt ends with an empty think block, as Qwen3 renders enable_thinking=False.
@@ -113,6 +118,48 @@ def load_tiny(seed=0):
     return model, tok
 
 
+def load_random(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "qwen3-4b.json"),
+                device="cpu", layers=0, seed=0):
+    """A config file's architecture (default Qwen3-4B) with random weights, its first `layers` layers.
+    Built on the meta device and trimmed there (no memory, no init), then filled once with a seeded
+    N(0, initializer_range), norms 1, instead of transformers' init pass. The embedding and layers come
+    first in that order, so a trimmed model is exactly the first layers of the untrimmed one."""
+    _, tok = load_smollm2_tokenizer()  # 49,152 ids: all fit in Qwen3's 151,936-row embedding
+    with open(path) as f:
+        c = {k: v for k, v in json.load(f).items() if not k.startswith("_")}  # "_source": a note
+    cfg = Qwen3Config(**c, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    with torch.device("meta"):
+        model = trim(Qwen3ForCausalLM(cfg), layers)
+    model.to(torch.bfloat16 if device.startswith("cuda") else torch.float32).to_empty(device=device)
+    model.tie_weights()  # to_empty made new Parameters: lm_head is the embedding again (tie_word_embeddings)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)  # inv_freq: computed, not drawn
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied lm_head: listed once, as the embedding
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, cfg.initializer_range, generator=gen)
+    tok.chat_template = QWEN3_TEMPLATE
+    return model, tok
+
+
+def trim(model, n):
+    """Keep the first n decoder layers (0, or n >= all: every layer), and make the config say so:
+    num_hidden_layers and layer_types (read by the forward's masks and transformers' KV cache), and
+    each attention's layer_idx (its slot in that cache)."""
+    layers = model.model.layers
+    if 0 < n < len(layers):
+        model.model.layers = layers[:n]
+        model.config.num_hidden_layers = n
+        if getattr(model.config, "layer_types", None) is not None:
+            model.config.layer_types = model.config.layer_types[:n]
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    return model
+
+
 def load_smollm2_tokenizer():
     path = os.path.join(CACHE, "smollm2-135m-instruct")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -149,17 +196,23 @@ def load_hub(name, device):
     raise SystemExit(2)
 
 
-def load_model(name="smollm2", device="cpu"):
-    """Returns (model, tokenizer) on `device`, eval mode, all weights frozen (adapters add trainables)."""
+def load_model(name="smollm2", device="cpu", layers=0):
+    """Returns (model, tokenizer) on `device`, eval mode, all weights frozen (adapters add trainables),
+    its first `layers` decoder layers only if layers > 0."""
     if name == "smollm2":
         model, tok = load_smollm2()
     elif name == "tiny":
         model, tok = load_tiny()
+    elif name == "qwen3-4b-random":
+        model, tok = load_random(device=device, layers=layers)
     else:
         model, tok = load_hub(name, device)
+    trim(model, layers)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()
+    if device.startswith("cuda"):
+        model.to(torch.bfloat16)  # every source in bf16 on a GPU (load_hub loads it so)
     model.requires_grad_(False)
     return model, tok
 
@@ -188,8 +241,12 @@ class Rollouts:
     texts: list                    # B decoded completions (special tokens removed)
 
 
-def generate(model, tok, prompts, max_new_tokens=96, temperature=1.0, greedy=False, generator=None):
-    """Sample one completion per prompt string (repeat a prompt G times for a GRPO group): sampler.py."""
+def generate(model, tok, prompts, max_new_tokens=96, temperature=1.0, greedy=False, generator=None, rows=GEN_ROWS):
+    """Sample one completion per prompt string (repeat a prompt G times for a GRPO group): sampler.py,
+    `rows` prompts at a time (the KV cache's size), one after the other from the same generator."""
+    if len(prompts) > rows:
+        return cat_rollouts([generate(model, tok, prompts[i:i + rows], max_new_tokens, temperature, greedy,
+                                      generator, rows) for i in range(0, len(prompts), rows)], tok.pad_token_id)
     device = next(model.parameters()).device
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)  # (B, P)
@@ -197,6 +254,20 @@ def generate(model, tok, prompts, max_new_tokens=96, temperature=1.0, greedy=Fal
                                                      temperature, greedy, generator)  # (B, T)
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollouts(ids, attn, completion_ids, completion_mask, texts)
+
+
+def cat_rollouts(rs, pad, device=None):
+    """Rollouts one under the other, prompts left and completions right padded to the longest."""
+    P, T = max(r.prompt_ids.shape[1] for r in rs), max(r.completion_ids.shape[1] for r in rs)
+
+    def cat(name, w, left, value):  # (B, w)
+        xs = [getattr(r, name) for r in rs]
+        return torch.cat([F.pad(x, (w - x.shape[1], 0) if left else (0, w - x.shape[1]), value=value) for x in xs]
+                         ).to(device or xs[0].device)
+
+    return Rollouts(cat("prompt_ids", P, True, pad), cat("prompt_mask", P, True, 0),
+                    cat("completion_ids", T, False, pad), cat("completion_mask", T, False, 0),
+                    [t for r in rs for t in r.texts])
 
 
 def encode(tok, prompts, completions, device="cpu"):

@@ -4,7 +4,8 @@ recomputes the model's own forward over the whole sequence at every step, from t
 In float64, where summation order moves a logit by ~1e-12, the tokens are identical; the test
 runs there. Covered: shared prompts (groups), left padding, rows stopping at different steps
 (finished rows dropped from the batch), greedy and temperature, Llama (SmolLM2) and Qwen3 (q/k
-norms, tiny), and every adapter kind and mode the sampler reads weights from.
+norms, tiny), and every adapter kind and mode the sampler reads weights from. model.generate samples
+GEN_ROWS prompts at a time: greedy, chunks give exactly the unchunked rollouts.
 """
 import copy
 import sys
@@ -75,6 +76,18 @@ def test_weight_of_matches_every_adapter_kind_and_mode():
             err = (got.double() - want.double()).abs().max().item()
             assert err < 1e-4, (kind, mode, err)  # logits come back as float32: 1e-4 is float32 rounding
     assert sampler.supported(base)
+
+
+def test_generate_in_chunks_is_generate_at_once():
+    """rows=2 over 5 prompts of different lengths (3 chunks, the last of one): greedy, the same ids, masks
+    and texts as all 5 at once, prompts re-padded on the left and completions on the right."""
+    model, tok = loaded("tiny")
+    prompts = [M.chat_prompt(tok, "Hi" + " there" * i) for i in (0, 3, 1, 5, 2)]
+    whole = M.generate(model, tok, prompts, 12, greedy=True)
+    parts = M.generate(model, tok, prompts, 12, greedy=True, rows=2)
+    assert parts.texts == whole.texts
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+        assert torch.equal(getattr(whole, name), getattr(parts, name)), name
 
 
 if __name__ == "__main__":
