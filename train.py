@@ -38,6 +38,7 @@ import adapter
 import ckpt
 import config
 import detector
+import dist
 import env
 import grpo
 import metrics
@@ -62,7 +63,7 @@ def micro_batches(rc, active, flags):
     """The active rows in micro-batches, and the adapter mode each trains under: all "train", except
     label's unflagged rows, which train the deployed model (deviation 2)."""
     if not rc.router.deployed_keep:
-        mbs = list(active.split(rc.micro))
+        mbs = [c for c in active.split(rc.micro) if len(c)]  # past one process a rank may have no rows
         return mbs, ["train"] * len(mbs)
     sides = [[c for c in active[side].split(rc.micro) if len(c)] for side in (~flags[active], flags[active])]
     return sides[0] + sides[1], ["deployed"] * len(sides[0]) + ["train"] * len(sides[1])
@@ -91,8 +92,7 @@ def routed_update(model, opt, r, adv, flags, active, vh, rc, kl=True, sampled=No
     opt.zero_grad(set_to_none=True)
     cap = routing.Capture(model, n_rollouts=B, router=rc.router, vhack=vh, flags=flags,
                           opts={"flagged_only": rc.flagged_only, "share": rc.share})
-    finite, off_tok, off_k1, off_clip = True, 0.0, 0.0, 0.0
-    sums = {"kl": 0.0, "logp": 0.0, "entropy": 0.0}
+    finite, sums = True, {"kl": 0.0, "logp": 0.0, "entropy": 0.0, "off_tok": 0.0, "off_k1": 0.0, "off_clip": 0.0}
     with cap:
         for j, rows in enumerate(mbs):
             cap.rows(rows)
@@ -111,20 +111,23 @@ def routed_update(model, opt, r, adv, flags, active, vh, rc, kl=True, sampled=No
             if behave[j] is not None:  # how far the trained-under forward is from the sampler's
                 om = mask * off[j][:, None]
                 d = behave[j] - logp.detach()                               # log pi_sampler - log pi
-                off_tok, off_k1 = off_tok + om.sum().item(), off_k1 + (d * om).sum().item()
-                off_clip += (((-d).exp() - 1).abs() > EPS).float().mul(om).sum().item()
+                sums["off_tok"] += om.sum().item()
+                sums["off_k1"] += (d * om).sum().item()
+                sums["off_clip"] += (((-d).exp() - 1).abs() > EPS).float().mul(om).sum().item()
             sums["kl"] += 0.0 if ref[j] is None else (grpo.kl_k3(logp.detach(), ref[j]) * mask).sum().item()
             sums["logp"] += (logp.detach() * mask).sum().item()
             sums["entropy"] += (ent * mask).sum().item()
     stats = cap.route()  # the split equation: keep and quarantine .grad
     stats["rollout"] = {"cos": cap.cos, "f": cap.f, **metrics.routed_mass(cap)}  # per rollout, for the logs
+    sums["ntok"] = r.completion_mask[active].sum().item()
+    finite = dist.reduce_update(opt, cap, stats, sums, finite)  # past one process: over every rank (dist.py)
     finite &= all(bool(torch.isfinite(p.grad).all()) for g in opt.param_groups for p in g["params"]
                   if p.grad is not None)
     if finite:  # a non-finite loss or gradient skips the update (logged), never poisons the weights
         opt.step()
-    ntok = r.completion_mask[active].sum().item()
+    ntok, off_tok = sums["ntok"], sums["off_tok"]
     if off_tok:
-        stats.update(off_k1=off_k1 / off_tok, off_clip=off_clip / off_tok)
+        stats.update(off_k1=sums["off_k1"] / off_tok, off_clip=sums["off_clip"] / off_tok)
     return {**stats, "kl": sums["kl"] / ntok if kl else None, "logp": sums["logp"] / ntok,
             "entropy": sums["entropy"] / ntok, "skipped": int(not finite)}
 
@@ -155,19 +158,22 @@ def rl_step(model, tok, opt, det, vh, problems, step, rng, gen, rc):
     t0 = time.time()
     probs, pmodes = sample_batch(problems, rng, rc)
     prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in zip(probs, pmodes)]
+    mine = dist.shard(len(prompts), rc.group_size)  # past one process: this rank's groups (dist.py)
     with adapter.quarantine_off(model) if rc.gen_deployed else contextlib.nullcontext():
-        r = M.generate(model, tok, prompts, rc.max_new_tokens, rc.temperature, generator=gen)
+        r = M.generate(model, tok, prompts[mine], rc.max_new_tokens, rc.temperature, generator=gen)
+    r = dist.gather_rollouts(r, tok.pad_token_id)  # every rank holds the whole batch
     k = round(rc.teacher_frac * rc.group_size) if step < rc.teacher_until else 0
     r, taught = teacher.splice(tok, r, probs, pmodes, k, rc.group_size, rc.teach_modes, rng)
     t1 = time.time()
-    grades = env.grade_batch(probs, r.texts, pmodes)                        # proxy reward, and the oracle for logs
+    grades = dist.gather(env.grade_batch(probs[mine], r.texts[mine], pmodes[mine]))  # proxy reward; oracle: logs
     t2 = time.time()
     flags = torch.tensor(det.flags(r.texts), dtype=torch.bool)               # (B,) the weak detector
     adv = advantages(torch.tensor([g.reward for g in grades], dtype=torch.float32), flags, rc)  # (B,)
     G = rc.group_size  # groups whose rewards all tie teach nothing: dropped (Dr.GRPO)
     active = adv.view(-1, G).abs().sum(-1).repeat_interleave(G).nonzero().squeeze(-1)
     kl = rc.beta > 0 or step % KL_EVERY == 0
-    upd = routed_update(model, opt, r, adv, flags, active, vh, rc, kl, ~taught) if len(active) else {"skipped": 1}
+    own = dist.local(active, len(probs), G)  # the active rows this rank trains
+    upd = routed_update(model, opt, r, adv, flags, own, vh, rc, kl, ~taught) if len(active) else {"skipped": 1}
     t3 = time.time()
     ro = upd.pop("rollout", None) or {"cos": torch.full((len(probs),), math.nan), "f": torch.zeros(len(probs))}
     m = {"step": step, **metrics.step_metrics(grades, pmodes, flags, taught, r),
@@ -189,7 +195,8 @@ def warmup_step(model, tok, opt, det, vh, problems, rng, rc):
     if rc.router.rewards is not None:
         adv[flags] = 0.0
     active = adv.nonzero().squeeze(-1)
-    upd = routed_update(model, opt, r, adv, flags, active, vh, rc, kl=False) if len(active) else {"logp": None}
+    own = dist.local(active, len(adv), rc.group_size)  # the active rows this rank trains
+    upd = routed_update(model, opt, r, adv, flags, own, vh, rc, kl=False) if len(active) else {"logp": None}
     return {"hack_demos": sum(hack), "flag": float(flags.float().mean()),
             "nll": None if upd["logp"] is None else -upd["logp"],
             **{k: upd[k] for k in ("routed", "qmass") if k in upd}, "t": time.time() - t}
@@ -216,53 +223,66 @@ def warm_up(model, tok, opt, det, vh, problems, rng, rc, lr, steps, log, first=0
 def run(a):
     config.check_args(a)
     random.seed(a.seed), np.random.seed(a.seed), torch.manual_seed(a.seed)
-    device = M.pick_device(a.device)
+    device = dist.init(M.pick_device(a.device), a.prompts)  # under torchrun: this rank's device (dist.py)
     model, tok = ckpt.build(a, device)
     if a.grad_ckpt:
         model.gradient_checkpointing_enable()
-    rc = config.recipe(a)
+    rc = dist.recipe(config.recipe(a))
     det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
-    rng, gen = random.Random(a.seed), torch.Generator(device=device).manual_seed(a.seed)
+    rng, gen = random.Random(a.seed), torch.Generator(device=device).manual_seed(dist.seed(a.seed))
     start, vh = 0, None
     if a.resume:  # the adapter first: variant B's quarantine parameters are made by loading it
         start, state, vh = ckpt.load_ckpt(a.out, model)
     elif rc.router.needs_vhack or a.adapter == "vhack":
-        vh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed, cache_dir=M.CACHE,
-                                 placebo=rc.router.placebo)  # cached by model, pairs and arguments
+        vh = dist.from_rank0(vhack.extract_vhack, model, tok, detector.load_pairs(), k=a.vhack_k, seed=a.seed,
+                             cache_dir=M.CACHE, placebo=rc.router.placebo)  # cached by model, pairs and arguments
         print("v_hack hold-out:", json.dumps(vh.report))
         if a.adapter == "vhack":
             vhack.set_vhack_axes(model, vh)
     opt = optim.make_optimizer(model, a.lr, a.lr_quar)
     if a.resume:
         opt.load_state_dict(state["opt"])
-        ckpt.set_rng_states(state["rngs"], rng, gen)
+        dist.set_rng_states(state["rngs"], rng, gen)
     problems = env.load_problems(a.source, "train", difficulty=a.difficulty)
+    held = env.load_problems(a.source, "validation", n=a.eval_n, seed=a.seed) if a.eval_every else []
     if a.warmup_steps and not a.resume:  # routed like RL rollouts; checkpointed as "step 0 to do"
         warm_up(model, tok, opt, det, vh, problems, random.Random(f"warmup/{a.seed}"), rc, a.warmup_lr,
-                a.warmup_steps, os.path.join(a.out, "warmup.jsonl"))
-        ckpt.save_ckpt(a, model, opt, vh, 0, ckpt.rng_states(rng, gen))
-    log_path = os.path.join(a.out, "metrics.jsonl")
+                a.warmup_steps, dist.rank0_file(os.path.join(a.out, "warmup.jsonl")))
+        dist.save_ckpt(a, model, opt, vh, 0, rng, gen)
+    log_path = dist.rank0_file(os.path.join(a.out, "metrics.jsonl"))  # the other ranks log to os.devnull
     ckpt.truncate_log(log_path, start)
     open(log_path, "a").close()  # --steps 0 (the warm-up only) leaves it empty
     signal.signal(signal.SIGTERM, ckpt.raise_interrupt)
-    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.router, dynamic_ncols=True)
+
+    def heldout(step):  # --eval-every: the held-out curve, from step 0 (what RL adds), on rank 0
+        if a.eval_every and dist.RANK == 0:
+            import eval as ev  # eval.py imports this file; the other ranks wait at the next step
+            ev.heldout(model, tok, held, a, step, os.path.join(a.out, "heldout.jsonl"))
+
+    if start == 0:
+        heldout(0)
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.router, dynamic_ncols=True,
+               disable=dist.RANK > 0)
     try:
         for step in bar:
             m, samples = rl_step(model, tok, opt, det, vh, problems, step, rng, gen, rc)
             with open(log_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             if step % SAMPLE_EVERY == 0:
-                with open(os.path.join(a.out, "samples.jsonl"), "a") as f:
+                with open(dist.rank0_file(os.path.join(a.out, "samples.jsonl")), "a") as f:
                     f.writelines(json.dumps(s) + "\n" for s in samples)
-            ckpt.save_ckpt(a, model, opt, vh, step + 1, ckpt.rng_states(rng, gen))
+            dist.save_ckpt(a, model, opt, vh, step + 1, rng, gen)
             bar.set_postfix_str(" ".join(f"{k} {'-' if m.get(k) is None else format(m[k], '.2f')}"
                                          for k in ("reward", "solve", "hack", "routed")))
+            if (step + 1) % max(a.eval_every, 1) == 0 or step + 1 == a.steps:
+                heldout(step + 1)
             if a.stop_after is not None and step + 1 >= a.stop_after:
                 break
     except KeyboardInterrupt:
         print(f"\ninterrupted: every logged step is checkpointed; continue with --resume {a.out}", file=sys.stderr)
         sys.exit(130)
-    metrics.summary(a.out)
+    if dist.RANK == 0:
+        metrics.summary(a.out)
     print(f"done: {a.out}/metrics.jsonl, {a.out}/summary.json, {a.out}/ckpt")
 
 
