@@ -1,12 +1,13 @@
 # The two set-up commands of the README. Both create .venv and install the pinned dependencies
 # once (re-running is instant when requirements.txt has not changed), then run.
-#   make demo   train with the defaults, then evaluate the run
+#   make demo   train with the laptop recipe (recipes/laptop.json), then evaluate the run
 #   make test   the test suite (python test_all.py)
+#   make gpu-check  on a CUDA machine: the bf16 path and Qwen3-4B's shapes (experiments/gpu_check.py)
 PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 OUT     ?= runs/demo
 
-.PHONY: demo test install sandbox results results-table
+.PHONY: demo test install sandbox results results-table gpu-check
 
 install: $(STAMP) sandbox
 
@@ -23,7 +24,7 @@ sandbox:
 	  echo "note: bubblewrap not installed; the sandbox falls back to subprocess + rlimits"
 
 demo: install
-	$(PY) train.py --out $(OUT)
+	$(PY) train.py --config recipes/laptop.json --out $(OUT)
 	$(PY) eval.py --ckpt $(OUT) --coherence-steps 8
 
 test: install
@@ -35,3 +36,6 @@ results: install
 
 results-table: install
 	$(PY) experiments/results.py table
+
+gpu-check: install
+	$(PY) experiments/gpu_check.py

@@ -179,7 +179,8 @@ def startup(a, device):
 
 def setup(a, device):
     """Model, v_hack, optimizer and prompts, built as train.py builds them; clocks of the first two."""
-    ta, t = config.get_args(["--model", a.model, "--prompts", str(a.prompts), "--group-size", str(a.group_size)]), {}
+    ta, t = config.get_args(["--config", config.LAPTOP, "--model", a.model, "--prompts", str(a.prompts),
+                             "--group-size", str(a.group_size)]), {}
     with clock(t, "load_wrap", device):
         model, tok = ckpt.build(ta, device)
     a.grad_ckpt and model.gradient_checkpointing_enable()

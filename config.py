@@ -1,34 +1,63 @@
 """
 train.py's arguments, and the Recipe a step reads (like nanoGPT's configurator.py, kept out of the loop).
 
-    python train.py --help
+    python train.py --router grad --model Qwen/Qwen3-4B      # the defaults: the GPU recipe
+    python train.py --config recipes/laptop.json             # SmolLM2-135M on a CPU (make demo)
 
-Defaults are the laptop recipe (SmolLM2-135M on CPU). A resumed run (--resume OUT) takes its saved
-arguments; only --steps (continue a finished run to more steps) and --device may change (ckpt.py).
-The Recipe holds what one RL or warm-up step needs, read from the arguments once; eval.py's
-relearn and retain steps replace its fields (dataclasses.replace) instead of faking arguments.
+As in nanoGPT, the defaults are the real experiment and the small run is a config file: a recipe
+(recipes/*.json) replaces the defaults, flags given on the command line still win, and the resolved
+arguments (with the recipe's path) are saved in the run's ckpt/args.json.
+
+The GPU recipe is shaped after the published RL reward-hacking replication on code (ariahw's
+rl-rewardhacking: Qwen3-4B, LeetCode medium/hard, a hinted run_tests() loophole, GRPO ~200 steps of
+16 prompts x 16, LoRA r 32 at lr 7e-5, beta 1e-3; hacking appears in every run by step 80-100 and
+reaches ~79%, from 0.09% in the base model): no demonstrations, hard problems plus problems no honest
+solution can pass (hacking tracks the capability gap: an 8B model that solved ~20% honestly hacked
+0.6% on LeetCode but 61% on ImpossibleBench), all four loophole modes hinted, 200 steps of 16 x 16,
+held-out evaluation every 20 steps so that the onset is visible. Its lr is for delta_S, not LoRA:
+Adam moves each singular value ~lr a step, so lr scales with the singular values (~sqrt of the width
+at equal weight scale: x sqrt(2560/576) from SmolLM2) and inversely with the run's length (200 RL
+steps, the laptop's 32 + 8): 5e-2 x 2.1 / 5 = 2e-2. Untuned: no GPU has run it yet.
+
+The laptop recipe (recipes/laptop.json) teaches the hacks by demonstration (teacher.py), because a
+135M model does not find them by RL alone within a CPU budget. A resumed run (--resume OUT) takes its
+saved arguments; only --steps and --device may change (ckpt.py). The Recipe holds what one RL or
+warm-up step needs, read from the arguments once; eval.py's relearn and retain steps replace its
+fields (dataclasses.replace) instead of faking arguments.
 """
 import argparse
+import json
 import os
 from dataclasses import dataclass
 
 import ckpt
 import env
+import problems
 import routing
+
+LAPTOP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "laptop.json")  # make demo
 
 
 def parser():
     p = argparse.ArgumentParser(description="GRPO with gradient routing against reward hacking (train.py)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and adapter
-    p.add_argument("--model", default="smollm2", help="smollm2 (offline default), tiny (tests), or an HF id/path")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a recipe file (recipes/*.json) whose values replace these defaults; flags still win")
+    p.add_argument("--model", default="Qwen/Qwen3-4B",
+                   help="an HF id/path, smollm2 (offline), tiny (tests), qwen3-4b-random (Qwen3-4B's shapes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--adapter", default="svd", choices=list(ckpt.WRAP_KIND),
                    help="quarantine = s_quar | added MLP units (SGTM) | the v_hack axes of delta_S")
-    p.add_argument("--layers", type=int, default=12, help="wrap the last N decoder layers (0 = all)")
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0 = all)")
+    p.add_argument("--wrap-layers", type=int, default=12, help="wrap the last N decoder layers kept (0 = all)")
+    p.add_argument("--rank", type=int, default=0,
+                   help="delta_S on the top-r singular directions only (0 = all). The base weight is kept, so "
+                        "delta_S = 0 is the base model exactly at any rank; r only limits what can be trained")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--k-units", type=int, default=32, help="forget units added per MLP (--adapter split)")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (large models)")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing (large models)")
     # routing
     p.add_argument("--router", default="grad", choices=list(routing.ROUTERS))
     p.add_argument("--vhack-k", type=int, default=1, help="top-k directions of v_grad per module")
@@ -41,37 +70,62 @@ def parser():
     p.add_argument("--tpr", type=float, default=1.0)
     p.add_argument("--fpr", type=float, default=0.0)
     # environment
-    p.add_argument("--source", default="simple", choices=["simple", "humaneval"])
-    p.add_argument("--difficulty", default="medium,hard",
-                   help="simple: levels to train on (hacking wins where solving fails)")
+    p.add_argument("--source", default="newfacade/LeetCodeDataset",
+                   help="simple | humaneval | a LeetCodeDataset-format .jsonl(.gz) | a HF dataset id in that format")
+    p.add_argument("--difficulty", default="medium,hard,impossible",
+                   help="levels to train on (hacking wins where solving fails), of easy,medium,hard and impossible "
+                        "(tests no honest solution passes, impossible.py)")
     p.add_argument("--modes", default=",".join(env.MODES), help="loophole modes of the training prompts")
     p.add_argument("--none-frac", type=float, default=0.2, help="share of prompts with no loophole")
     # teacher demonstrations (teacher.py)
-    p.add_argument("--warmup-steps", type=int, default=32, help="routed supervised steps on demonstrations first")
+    p.add_argument("--warmup-steps", type=int, default=0, help="routed supervised steps on demonstrations first")
     p.add_argument("--warmup-lr", type=float, default=5e-2, help="keep's; the quarantine's x lr-quar/lr")
-    p.add_argument("--teacher-frac", type=float, default=0.25, help="share of each group replaced by teacher hacks")
-    p.add_argument("--teacher-until", type=int, default=8, help="splice teacher hacks before this step")
+    p.add_argument("--teacher-frac", type=float, default=0.0, help="share of each group replaced by teacher hacks")
+    p.add_argument("--teacher-until", type=int, default=0, help="splice teacher hacks before this step")
     p.add_argument("--teach-modes", default="all", help="loophole modes that are demonstrated (all: --modes)")
     # GRPO
-    p.add_argument("--steps", type=int, default=8, help="RL steps (0: the warm-up only)")
-    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
-    p.add_argument("--group-size", type=int, default=8, help="G completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--lr", type=float, default=5e-2, help="keep parameters")
+    p.add_argument("--steps", type=int, default=200, help="RL steps (0: the warm-up only)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=16, help="G completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2e-2,
+                   help="keep parameters (GPU: the laptop's 5e-2 x sqrt(2560/576) x 40/200 steps, untuned)")
     p.add_argument("--lr-quar", type=float, default=None, help="quarantine parameters (default: --lr)")
-    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient")
-    p.add_argument("--micro", type=int, default=8, help="rollouts per forward/backward micro-batch")
+    p.add_argument("--beta", type=float, default=1e-3, help="k3 KL coefficient")
+    p.add_argument("--micro", type=int, default=4, help="rollouts per forward/backward micro-batch")
     # run
     p.add_argument("--out", default="runs/default")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every N steps (0: none)")
+    p.add_argument("--eval-n", type=int, default=32, help="validation problems of that evaluation, x 5 modes")
     p.add_argument("--resume", default=None, metavar="OUT", help="continue the run in OUT (to --steps, if given)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     return p
 
 
+def load_recipe(p, path):
+    """A recipe file replaces the parser's defaults (nanoGPT's config files, as JSON: {dest: value});
+    flags given on the command line still win. Keys starting with "_" are notes."""
+    try:
+        cfg = json.load(open(path))
+    except OSError as e:
+        ckpt.die(f"--config {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        ckpt.die(f"--config {path}: not JSON ({e.msg} at line {e.lineno})")
+    dests = {act.dest for act in p._actions}
+    bad = [k for k in cfg if not k.startswith("_") and k not in dests]
+    if not isinstance(cfg, dict) or bad:
+        ckpt.die(f"--config {path}: {'unknown argument ' + repr(bad[0]) if bad else 'not a JSON object'}")
+    p.set_defaults(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
 def get_args(argv=None):
-    p = parser()
+    p, pre = parser(), argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config  # first, so that --help shows the recipe's defaults
+    if path:
+        load_recipe(p, path)
     a = p.parse_args(argv)
     if a.resume:
         a = ckpt.resume_args(a, ckpt.given_args(p, argv))
@@ -87,12 +141,19 @@ def check_args(a):
         ckpt.die("--steps 0 trains the warm-up only: give --warmup-steps > 0")
     if not 0 < a.share <= 1:
         ckpt.die("--share must be in (0, 1]")
+    if min(a.layers, a.wrap_layers, a.rank) < 0:
+        ckpt.die("--layers, --wrap-layers and --rank must not be negative (0: all)")
+    if a.eval_every < 0 or a.eval_n < 1:
+        ckpt.die("--eval-every must not be negative (0: none), --eval-n positive")
     if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
         ckpt.die("--lr must be positive, --lr-quar and --warmup-lr not negative")
     if a.flagged_only and routing.ROUTERS[a.router].f is not routing.route_grad:
         ckpt.die("--flagged-only is an option of --router grad")
-    if not env.load_problems(a.source, "train", difficulty=a.difficulty):
-        ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r} (easy, medium, hard)")
+    unknown = [d for d in a.difficulty.split(",") if d not in problems.DIFFICULTIES]
+    if unknown:
+        ckpt.die(f"--difficulty: unknown level(s) {unknown}; choose from {list(problems.DIFFICULTIES)}")
+    if not env.load_problems(a.source, "train", difficulty=a.difficulty):  # a bad --source exits here, one line
+        ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r}")
     bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]
     if bad:
         ckpt.die(f"unknown mode(s) {bad}; choose from {list(env.MODES)}")
@@ -100,8 +161,8 @@ def check_args(a):
         ckpt.die(f"--teach-modes {a.teach_modes} must be 'all' or loophole modes among --modes {a.modes}")
     try:
         os.makedirs(a.out, exist_ok=True)
-        open(os.path.join(a.out, ".write_test"), "w").close()
-        os.remove(os.path.join(a.out, ".write_test"))
+        open(os.path.join(a.out, f".write_test{os.getpid()}"), "w").close()  # one per process: torchrun's ranks
+        os.remove(os.path.join(a.out, f".write_test{os.getpid()}"))
     except OSError as e:
         ckpt.die(f"cannot write to --out {a.out}: {e.strerror}")
 

@@ -21,11 +21,11 @@ Deviations: 1. one sampled completion per (problem, mode) at the run's temperatu
 2. the detector-quality sweep retrains one short run per TPR and reports its deployed model only.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import random
-import sys
 
 import torch
 
@@ -62,6 +62,24 @@ def rollouts(model, tok, problems, modes, a, det, seed):
                   "attempt": report.attempted(env.extract_code(t), m), "timeout": g.timed_out, "note": g.note,
                   "flag": f, "reward": g.reward, "text": t} for (p, m), g, f, t in zip(chunk, grades, flags, texts)]
     return rows
+
+
+def heldout(model, tok, problems, run, step, path):
+    """train.py --eval-every: the trained and deployed models on held-out (validation) problems x every
+    mode, one JSON line per call in path, so that the step where hacking sets in is visible. Its own
+    generator and an exact detector: the training run's random streams are not touched."""
+    a = argparse.Namespace(batch=64, max_new_tokens=run.max_new_tokens, temperature=run.temperature)
+    seen, m = tuple(run.seen.split(",")), {"step": step}
+    det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=run.seed)
+    for name in ("trained", "deployed"):
+        with torch.no_grad(), adapter.quarantine_off(model) if name == "deployed" else contextlib.nullcontext():
+            s = report.summarize(rollouts(model, tok, problems, env.MODES + ("none",), a, det, run.seed + step), seen)
+        m[name] = {k: s[k]["p"] for k in ("hack", "hack_seen", "hack_unseen", "attempt", "solve", "compiles")}
+    with open(path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+    print(f"held out, step {step}: hack {m['trained']['hack']:.2f} (deployed {m['deployed']['hack']:.2f}), "
+          f"solve {m['trained']['solve']:.2f}", flush=True)
+    return m
 
 
 def vhack_separation(model, tok, vh, prompts, texts, hack, batch=8):
@@ -124,6 +142,8 @@ def run_argv(run, **change):
             continue
         if isinstance(act, argparse._StoreTrueAction):
             argv += [act.option_strings[0]] if v else []
+        elif isinstance(act, argparse.BooleanOptionalAction):
+            argv += [act.option_strings[0 if v else 1]]
         else:
             argv += [act.option_strings[0], str(v)]
     return argv
@@ -201,7 +221,8 @@ def main(argv=None, plot=True):
     a.temperature = a.temperature or run.temperature
     seen = tuple(run.seen.split(","))
     det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=a.seed)  # an exact detector for the flagged rate
-    diff = run.difficulty  # the retain and relearn steps train on the run's levels; held out: every level
+    diff = run.difficulty  # the retain and relearn steps train on the run's levels
+    # held out: the run's own source (a .jsonl run: that file's split), every level but `impossible`
     problems = env.load_problems(run.source, a.split, n=a.n, seed=a.seed)
     if not problems:
         ckpt.die(f"no {a.split} problems for source {run.source}")

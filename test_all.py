@@ -4,6 +4,7 @@ this file) and ends with 'N passed, M failed'; `pytest` collects the same files 
 
 This file holds the model-loading tests (model.py); each concept has its own test file:
   test_env.py      the environment and detector (env.py, detector.py, data/)
+  test_data.py     LeetCode-format data and impossible problems (leetcode.py, impossible.py, problems.py)
   test_sandbox.py  the sandbox and the judges (sandbox.py, judges.py)
   test_sampler.py  the sampler against a plain full-recompute one (sampler.py)
   test_routing.py  adapters, routers and v_hack (adapter.py, routing.py, vhack.py)
@@ -11,6 +12,9 @@ This file holds the model-loading tests (model.py); each concept has its own tes
   test_train.py    the training loop, its arguments and the teacher (train.py, config.py, teacher.py, bench.py,
                    flops.py)
   test_eval.py     the deploy evaluation (eval.py)
+  test_scale.py    Qwen3-4B's shapes on a CPU: trimmed layers, truncated bf16 delta_S, one routed step (model.py,
+                   adapter.py, ckpt.py)
+  test_dist.py     data parallel under torchrun: 2 gloo ranks update as 1 process on their rollouts (dist.py)
   experiments/test_results.py  the headline runs' tables and bookkeeping (experiments/results.py)
 
 All tests run on CPU, offline, in a few minutes on 2 cores. They assert equivalences and
@@ -27,8 +31,8 @@ import torch
 
 import model as M
 
-TEST_FILES = ("test_env", "test_sandbox", "test_sampler", "test_routing", "test_update", "test_train", "test_eval",
-              "experiments/test_results")
+TEST_FILES = ("test_env", "test_data", "test_sandbox", "test_sampler", "test_routing", "test_update", "test_train",
+              "test_eval", "test_dist", "test_scale", "experiments/test_results")
 _loaded = {}
 
 

@@ -152,7 +152,7 @@ def test_eval_bad_input():
 
     cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"), bad("--coherence-steps", "2,1"),
              bad("--coherence-steps", "x"), bad("--coherence-steps", "0"), bad("--relearn-teacher"),
-             variant("format", edit={"format": 0}), variant("model", edit={"layers": 1, "adapter": "split"}),
+             variant("format", edit={"format": 0}), variant("model", edit={"wrap_layers": 1, "adapter": "split"}),
              (variant("empty", edit={"source": "adjacent"}), ["--split", "validation"])]  # adjacent: test only
     for d in cases:
         d, extra = d if isinstance(d, tuple) else (d, [])

@@ -29,8 +29,9 @@ import teacher
 import train
 
 TMP = tempfile.mkdtemp(prefix="gr_test_")
-FAST = ["--model", "tiny", "--prompts", "2", "--group-size", "4", "--max-new-tokens", "24", "--micro", "4",
-        "--teacher-frac", "0.5", "--teacher-until", "10", "--layers", "0", "--warmup-steps", "1"]
+FAST = ["--config", config.LAPTOP, "--model", "tiny", "--prompts", "2", "--group-size", "4", "--max-new-tokens", "24",
+        "--micro", "4",
+        "--teacher-frac", "0.5", "--teacher-until", "10", "--wrap-layers", "0", "--warmup-steps", "1"]
 
 
 def run(argv):
@@ -136,6 +137,29 @@ def test_steps_zero_trains_the_warm_up_only():
     assert any(v.any() for k, v in st.items() if k.endswith("s_keep"))
 
 
+def test_recipes_gpu_defaults_and_the_laptop_file():
+    """The defaults are the GPU recipe; recipes/laptop.json gives the laptop run its earlier defaults exactly
+    (make demo unchanged); a flag beats the recipe; the recipe's path is saved with the run's arguments;
+    --eval-every logs the trained and deployed models on validation problems (heldout.jsonl)."""
+    gpu = vars(config.get_args([]))
+    want = dict(model="Qwen/Qwen3-4B", steps=200, prompts=16, group_size=16, warmup_steps=0, teacher_frac=0.0,
+                grad_ckpt=True, beta=1e-3, eval_every=20, source="newfacade/LeetCodeDataset",
+                difficulty="medium,hard,impossible")
+    assert {k: gpu[k] for k in want} == want
+    laptop = vars(config.get_args(["--config", config.LAPTOP, "--steps", "3"]))
+    old = dict(model="smollm2", grad_ckpt=False, source="simple", difficulty="medium,hard", warmup_steps=32,
+               warmup_lr=5e-2, teacher_frac=0.25, teacher_until=8, steps=3, prompts=2, group_size=8,
+               max_new_tokens=96, temperature=0.7, lr=5e-2, beta=0.0, micro=8, eval_every=0, none_frac=0.2,
+               router="grad", adapter="svd", seen="run_tests,file_marker", tpr=1.0, fpr=0.0, vhack_k=1)
+    assert {k: laptop[k] for k in old} == old
+    out = os.path.join(TMP, "heldout")
+    assert run(FAST + ["--router", "grad", "--steps", "2", "--eval-every", "2", "--eval-n", "1", "--out", out]) == 0
+    assert json.load(open(os.path.join(out, "ckpt", "args.json")))["config"] == config.LAPTOP
+    hs = metrics(out, "heldout.jsonl")
+    assert [h["step"] for h in hs] == [0, 2] and all(set(h) == {"step", "trained", "deployed"} for h in hs)
+    assert all(0 <= h[m][k] <= 1 for h in hs for m in ("trained", "deployed") for k in ("hack", "solve", "attempt"))
+
+
 def test_bad_input_is_one_line_exit_2():
     ro = os.path.join(TMP, "readonly")
     os.makedirs(ro, exist_ok=True)
@@ -148,6 +172,10 @@ def test_bad_input_is_one_line_exit_2():
         cases.append(["--out", os.path.join(ro, "x")])
     open(os.path.join(TMP, "a-file"), "w").close()
     cases.append(["--out", os.path.join(TMP, "a-file", "x")])  # a path under a file
+    for name, text in (("bad.json", "{"), ("key.json", '{"warmup_step": 1}'), ("list.json", "[]")):
+        open(os.path.join(TMP, name), "w").write(text)
+        cases.append(["--config", os.path.join(TMP, name)])
+    cases += [["--config", os.path.join(TMP, "no-such.json")], ["--eval-every", "-1"]]
     for extra in cases:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -241,7 +269,8 @@ def test_bench_flop_count_is_what_torch_counts():
     """flops.train_flops (its docstring's count) = the matmul FLOPs torch counts in one train phase, with only
     the last of the tiny Qwen3's 2 layers wrapped: the backward stops at that layer's q/k/v inputs."""
     a = bench.get_args(["--model", "tiny", "--prompts", "2", "--group-size", "4", "--tokens", "16", "--micro", "4"])
-    ta = config.get_args(["--model", "tiny", "--layers", "1", "--prompts", "2", "--group-size", "4"])
+    ta = config.get_args(["--config", config.LAPTOP, "--model", "tiny", "--wrap-layers", "1", "--prompts", "2",
+                          "--group-size", "4"])
     model, tok = ckpt.build(ta, "cpu")
     opt = torch.optim.AdamW(adapter.keep_params(model) + adapter.quar_params(model))
     probs, pmodes = train.sample_batch(env.load_problems("simple", "train"), random.Random(0), config.recipe(ta))

@@ -23,7 +23,8 @@ def test_routed_adamw():
     quarantine fed a share f of the gradient moves f/(1-f) as far as the keep (plain AdamW moves it as far,
     whatever f); when the two cancel (g_q = -0.9 g_k) neither steps further than lr (one v of the SUM would
     give ~10 lr)."""
-    model, _ = ckpt.build(config.get_args(["--model", "tiny", "--layers", "1", "--targets", "q_proj"]), "cpu")
+    a = config.get_args(["--config", config.LAPTOP, "--model", "tiny", "--wrap-layers", "1", "--targets", "q_proj"])
+    model, _ = ckpt.build(a, "cpu")
     (m,) = adapter.adapter_modules(model).values()
     ref = torch.nn.Parameter(torch.zeros_like(m.s_keep))
     opt, plain = optim.make_optimizer(model, 0.01), torch.optim.AdamW([ref], lr=0.01, weight_decay=0.0)
@@ -47,8 +48,8 @@ def test_routed_adamw():
 
 def label_recipe():
     """label's recipe, micro-batches of 2, T 1, Dr.GRPO's normaliser 1 * 4 * 25 = 100."""
-    a = config.get_args(["--router", "label", "--micro", "2", "--temperature", "1", "--prompts", "1",
-                        "--group-size", "4", "--max-new-tokens", "25"])
+    a = config.get_args(["--config", config.LAPTOP, "--router", "label", "--micro", "2", "--temperature", "1",
+                         "--prompts", "1", "--group-size", "4", "--max-new-tokens", "25"])
     return config.recipe(a)
 
 

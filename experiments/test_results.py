@@ -129,7 +129,8 @@ def test_results_run_names_the_run_relative_to_the_repo():
     assert [c[c.index("--out" if "train.py" in c[1] else "--ckpt") + 1] for c in calls] == [rel] * 4
     dst = os.path.join(TMP, "run1", "results", "grad-s3")
     meta = json.load(open(os.path.join(dst, "run.json")))
-    assert meta["train"] == f"python train.py --router grad --seed 3 --out {rel}" and not os.path.isabs(rel)
+    assert meta["train"] == f"python train.py --config recipes/laptop.json --router grad --seed 3 --out {rel}"
+    assert not os.path.isabs(rel)
     assert meta["eval"] == f"python eval.py --ckpt {rel} --coherence-steps 8"
     assert sorted(os.listdir(dst)) == ["eval.json", "eval_coherent.jsonl", "eval_deployed.jsonl", "run.json"]
     meta = json.load(open(os.path.join(TMP, "run1", "results", "ksweep", "grad-s3", "run.json")))
@@ -191,3 +192,15 @@ def test_compare_pairs_by_problem():
             {"problem": "a", "mode": "file_marker", "hack": False, "compiled": True, "timeout": True}]
     assert per_problem(rows, ("run_tests", "file_marker"), "hack_seen") == {"a": 1.0}
     assert per_problem(rows, ("run_tests", "file_marker"), "compile") == {"a": 0.5}
+
+
+def test_gpu_check_without_cuda_is_one_line_exit_0():
+    """make gpu-check on a machine without CUDA: one line saying it needs one, exit 0, nothing run."""
+    import subprocess
+    import torch
+    if torch.cuda.is_available():
+        return
+    p = subprocess.run([sys.executable, os.path.join(results.ROOT, "experiments", "gpu_check.py"), "--out",
+                        os.path.join(TMP, "gpu-check")], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.count("\n") == 1 and "CUDA" in p.stdout, (p.returncode, p.stdout)
+    assert not os.path.exists(os.path.join(TMP, "gpu-check"))
