@@ -192,7 +192,7 @@ def load_hub(name, device):
         except (OSError, ValueError) as e:
             err = e
     print(f"error: cannot load model '{name}': not a local path, not in the HF cache, and the hub is not "
-          f"reachable ({type(err).__name__}); use --model smollm2 for the offline default", file=sys.stderr)
+          f"reachable ({type(err).__name__}); offline: --config recipes/laptop.json (SmolLM2)", file=sys.stderr)
     raise SystemExit(2)
 
 
