@@ -20,7 +20,8 @@ Deviations:
      singular directions. W is kept and U diag(s) Vh added, so s = 0 is the base model EXACTLY at any
      rank and dtype: rank and dtype only limit what training reaches (dW in the span of the top-r U, Vh).
   5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode and
-     keyed on the value of s: sampling costs what the base model costs.
+     keyed on the value of s: sampling costs what the base model costs. In bf16 the merge rounds the
+     delta to W's precision, so the sampler's policy is not exactly the trained forward's.
   6. Variant B (vhack.set_vhack_axes): the quarantine is the v_hack axes of delta_S itself,
      s = s_keep + A c with A (r, k) orthonormal (`quar_axes`) and c the trainable s_quar.
 

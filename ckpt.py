@@ -89,6 +89,8 @@ def saved_args(out):
     saved = json.load(open(path))
     if "wrap_layers" not in saved:  # older runs: "layers" meant --wrap-layers, nothing was trimmed, full rank
         saved.update(wrap_layers=saved.get("layers", 12), layers=0, rank=0)
+    for k, v in (("eval_every", 0), ("eval_n", 32), ("config", None)):  # older runs had none of these
+        saved.setdefault(k, v)
     return saved
 
 

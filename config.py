@@ -74,7 +74,7 @@ def parser():
                    help="simple | humaneval | a LeetCodeDataset-format .jsonl(.gz) | a HF dataset id in that format")
     p.add_argument("--difficulty", default="medium,hard,impossible",
                    help="levels to train on (hacking wins where solving fails), of easy,medium,hard and impossible "
-                        "(tests no honest solution passes, impossible.py)")
+                        "(the other levels' problems with tests no honest solution passes: half of them)")
     p.add_argument("--modes", default=",".join(env.MODES), help="loophole modes of the training prompts")
     p.add_argument("--none-frac", type=float, default=0.2, help="share of prompts with no loophole")
     # teacher demonstrations (teacher.py)
@@ -113,10 +113,11 @@ def load_recipe(p, path):
         ckpt.die(f"--config {path}: {e.strerror}")
     except json.JSONDecodeError as e:
         ckpt.die(f"--config {path}: not JSON ({e.msg} at line {e.lineno})")
-    dests = {act.dest for act in p._actions}
-    bad = [k for k in cfg if not k.startswith("_") and k not in dests]
-    if not isinstance(cfg, dict) or bad:
-        ckpt.die(f"--config {path}: {'unknown argument ' + repr(bad[0]) if bad else 'not a JSON object'}")
+    if not isinstance(cfg, dict):
+        ckpt.die(f"--config {path}: not a JSON object")
+    bad = [k for k in cfg if not k.startswith("_") and k not in {act.dest for act in p._actions}]
+    if bad:
+        ckpt.die(f"--config {path}: unknown argument {bad[0]!r}")
     p.set_defaults(**{k: v for k, v in cfg.items() if not k.startswith("_")})
 
 
@@ -127,6 +128,9 @@ def get_args(argv=None):
     if path:
         load_recipe(p, path)
     a = p.parse_args(argv)
+    for act in p._actions:  # a recipe's values skip argparse's own check of choices
+        if act.choices is not None and getattr(a, act.dest) not in act.choices:
+            ckpt.die(f"--{act.dest.replace('_', '-')} {getattr(a, act.dest)!r}: choose from {list(act.choices)}")
     if a.resume:
         a = ckpt.resume_args(a, ckpt.given_args(p, argv))
     return a
@@ -152,6 +156,8 @@ def check_args(a):
     unknown = [d for d in a.difficulty.split(",") if d not in problems.DIFFICULTIES]
     if unknown:
         ckpt.die(f"--difficulty: unknown level(s) {unknown}; choose from {list(problems.DIFFICULTIES)}")
+    if a.eval_every and not env.load_problems(a.source, "validation"):
+        ckpt.die(f"--eval-every {a.eval_every}: no validation problems in --source {a.source} (--eval-every 0)")
     if not env.load_problems(a.source, "train", difficulty=a.difficulty):  # a bad --source exits here, one line
         ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r}")
     bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]

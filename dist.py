@@ -174,7 +174,7 @@ def reduce_update(opt, cap, stats, sums, finite):
                      + [torch.tensor(has, device=params[0].device)]).to(COMM)  # (N + #params + 1,)
     td.all_reduce(flat)
     for p, g, h in zip(params, flat.split([p.numel() for p in params] + [len(has)])[:-1], flat[-len(has):]):
-        p.grad = g.view_as(p).to(p.device).clone() if h > 0 else None
+        p.grad = g.view_as(p).to(p.device, p.dtype).clone() if h > 0 else None  # cat made it float32
     seen, ro = _sum(cap.seen), stats["rollout"]
     if cap.vh is not None:
         ro["cos"] = _rows(cap.cos, cap.seen)                                       # (n,)

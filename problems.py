@@ -16,9 +16,9 @@ families, two in three per difficulty are test (73 problems) and the rest valida
 settings are chosen. HumanEval: a quarter of the problems each to test and validation. LeetCode:
 by the hash of task_id, 1/4 test, 1/4 validation, 1/2 train (leetcode.py).
 
-Difficulty levels: easy, medium, hard, and `impossible`, the conflicting-tests variant of every
-problem of the split (impossible.py, after ImpossibleBench). Impossible problems come only when
-asked for: load_problems(difficulty=None) gives easy, medium and hard.
+Difficulty levels: easy, medium, hard, and `impossible`, the conflicting-tests variant (impossible.py,
+after ImpossibleBench) of each problem of the other levels asked for, or of every level if asked alone:
+"medium,hard,impossible" is half impossible. load_problems(difficulty=None) gives easy, medium and hard.
 
 Deviations: none (no paper here).
 """
@@ -145,8 +145,8 @@ DIFFICULTIES = LEVELS + (impossible.LEVEL,)             # what train.py's --diff
 def load_problems(source="simple", split="train", n=None, seed=0, difficulty=None):
     """Deterministic problem list of a source (SOURCES, or a LeetCode-format path or hub id), only the
     `difficulty` levels if given (e.g. "medium,hard,impossible"; default easy, medium and hard);
-    shuffled by `seed`, first `n` kept if given. `impossible` adds the variant of every problem of
-    the split that has one (impossible.py), whatever its level."""
+    shuffled by `seed`, first `n` kept if given. `impossible` adds the variant (impossible.py) of each
+    problem of the other levels asked for, so "medium,hard,impossible" is half impossible; alone, of all."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     if source in SOURCES:
@@ -156,7 +156,8 @@ def load_problems(source="simple", split="train", n=None, seed=0, difficulty=Non
         probs = leetcode.load_leetcode(source, split)
     levels = difficulty.split(",") if difficulty else LEVELS
     chosen = [p for p in probs if p.difficulty in levels]
-    if impossible.LEVEL in levels:
-        chosen += [v for v in map(impossible.variant, probs) if v is not None]
+    if impossible.LEVEL in levels:  # the variants of the levels asked for (alone: of every level)
+        honest = [p for p in probs if p.difficulty in levels] or [p for p in probs if p.difficulty in LEVELS]
+        chosen += [v for v in map(impossible.variant, honest) if v is not None]
     random.Random(seed).shuffle(chosen)
     return chosen[:n] if n is not None else chosen

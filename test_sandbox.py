@@ -115,7 +115,7 @@ def test_hostile_programs():
         results = list(ex.map(lambda nm: one(*nm), [(n, m) for n in HOSTILE for m in ALL_MODES]))
     assert len(HOSTILE) >= 15
     for name, mode, g, took in results:
-        assert took < timeout + 3.0, (name, mode, took)  # measured max ~2.9 s on 2 loaded cores, torch in-process
+        assert took < timeout + 6.0, (name, mode, took)  # ~2.9 s on 2 loaded cores; 4.1 s with 2 runs beside it
         assert not g.gt_correct, (name, mode, g)
     assert sandbox.leftover() == [], "sandbox processes left running"
     assert not [p for p in OUTSIDE if os.path.exists(p)], "a program wrote outside its temp dir"

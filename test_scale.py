@@ -104,7 +104,8 @@ def test_grad_step_at_qwen3_4b_shapes():
     """One routed `grad` RL step of train.rl_step on the random Qwen3-4B, 2 decoder layers kept, the last wrapped
     at rank 64: the real hidden size, MLP width, heads and vocabulary. v_hack from 2 contrast pairs (all 32 take
     minutes at this size). The group has one spliced teacher hack: a random model's completions all score 0, and
-    Dr.GRPO drops a tied group. Keep and quarantine get finite, non-zero gradients and finite updates."""
+    Dr.GRPO drops a tied group. Keep and quarantine get finite, non-zero gradients and finite updates, with
+gradient checkpointing on (it runs in train mode only) and run by both layers."""
     a = config.get_args(["--model", "qwen3-4b-random", "--layers", "2", "--wrap-layers", "1", "--rank", "64",
                          "--router", "grad", "--prompts", "1", "--group-size", "2", "--max-new-tokens", "4",
                          "--micro", "2", "--warmup-steps", "0", "--teacher-frac", "0.5", "--teacher-until", "1",
@@ -121,8 +122,13 @@ def test_grad_step_at_qwen3_4b_shapes():
                       "v_proj": ((1024, 64), (64, 2560)), "o_proj": ((2560, 64), (64, 4096)),
                       "gate_proj": ((9728, 64), (64, 2560)), "up_proj": ((9728, 64), (64, 2560)),
                       "down_proj": ((2560, 64), (64, 9728))}
-    model.gradient_checkpointing_enable()  # the GPU recipe's default, a.grad_ckpt
     vh = vhack.extract_vhack(model, tok, detector.load_pairs()[:2], k=1, seed=0)
+    model.gradient_checkpointing_enable()  # the GPU recipe's default (--grad-ckpt), in train mode as train.py
+    model.train(a.grad_ckpt)
+    calls = []
+    for layer in model.model.layers:  # count the checkpointed layer calls
+        f = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *x, f=f, **k: calls.append(1) or f(*x, **k)
     opt = optim.make_optimizer(model, a.lr, a.lr_quar)
     det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
     keep, quar = adapter.keep_params(model), adapter.quar_params(model)
@@ -130,6 +136,7 @@ def test_grad_step_at_qwen3_4b_shapes():
     m, _ = train.rl_step(model, tok, opt, det, vh, env.load_problems(a.source, "train", difficulty=a.difficulty), 0,
                          random.Random(0), torch.Generator().manual_seed(0), config.recipe(a))
     assert m["step"] == 0 and m["skipped"] == 0 and m["active"] == 2 and 0 <= m["routed"] <= 1, m
+    assert len(calls) == 4, calls  # the KL reference's forward and the train forward, each through both layers
     for ps in (keep, quar):
         assert all(p.shape == (64,) and p.grad is not None and torch.isfinite(p.grad).all() for p in ps)
         assert any(p.grad.any() for p in ps)

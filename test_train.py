@@ -172,7 +172,8 @@ def test_bad_input_is_one_line_exit_2():
         cases.append(["--out", os.path.join(ro, "x")])
     open(os.path.join(TMP, "a-file"), "w").close()
     cases.append(["--out", os.path.join(TMP, "a-file", "x")])  # a path under a file
-    for name, text in (("bad.json", "{"), ("key.json", '{"warmup_step": 1}'), ("list.json", "[]")):
+    for name, text in (("bad.json", "{"), ("key.json", '{"warmup_step": 1}'), ("list.json", "[]"),
+                       ("choice.json", '{"router": "bogus"}')):
         open(os.path.join(TMP, name), "w").write(text)
         cases.append(["--config", os.path.join(TMP, name)])
     cases += [["--config", os.path.join(TMP, "no-such.json")], ["--eval-every", "-1"]]

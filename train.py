@@ -1,8 +1,8 @@
 """
 GRPO with gradient routing against reward hacking: the whole training loop, top to bottom.
 
-    python train.py                                         # SmolLM2-135M on CPU, the laptop recipe
-    python train.py --router grad --model Qwen/Qwen3-4B     # one GPU
+    python train.py --router grad --model Qwen/Qwen3-4B     # the defaults: the GPU recipe (config.py)
+    python train.py --config recipes/laptop.json            # SmolLM2-135M on a CPU: the laptop recipe
 
 One RL step (rl_step), as in nanochat's chat_rl.py with routing added:
     sample prompts -> generate G completions each -> grade (proxy reward) -> flag (weak detector)
@@ -225,7 +225,7 @@ def run(a):
     random.seed(a.seed), np.random.seed(a.seed), torch.manual_seed(a.seed)
     device = dist.init(M.pick_device(a.device), a.prompts)  # under torchrun: this rank's device (dist.py)
     model, tok = ckpt.build(a, device)
-    if a.grad_ckpt:
+    if a.grad_ckpt:  # transformers checkpoints a layer only in train mode: model.train below, after v_hack
         model.gradient_checkpointing_enable()
     rc = dist.recipe(config.recipe(a))
     det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
@@ -239,6 +239,7 @@ def run(a):
         print("v_hack hold-out:", json.dumps(vh.report))
         if a.adapter == "vhack":
             vhack.set_vhack_axes(model, vh)
+    model.train(a.grad_ckpt)  # no dropout in these models; v_hack ran in eval mode (no recompute to capture twice)
     opt = optim.make_optimizer(model, a.lr, a.lr_quar)
     if a.resume:
         opt.load_state_dict(state["opt"])

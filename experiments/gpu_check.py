@@ -8,7 +8,8 @@ needs no network, printing one summary.
      path of sampling, capture, routing and RoutedAdamW on a real model, with finite updates.
   2. Qwen3-4B's shapes with random weights (--model qwen3-4b-random, every layer unless --layers):
      one `grad` step at the GPU recipe's batch (16 prompts x 16, 1024 new tokens; random weights never
-     stop early, so every rollout runs to the limit: the worst case). Its time and peak memory.
+     stop early, so every rollout runs to the limit: the worst case), half of each group a spliced teacher
+     hack so that the groups' rewards differ and the step trains. Its time and peak memory.
 On a machine without CUDA it prints one line saying so and exits 0 (nothing to check here).
 """
 import argparse
@@ -24,9 +25,12 @@ sys.path.insert(0, ROOT)
 
 
 def step_summary(out):
+    """A step with no active group (all rewards tied) is skipped before any update; `finite`: every step that
+    updated had a finite loss and gradient."""
     ms = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
-    finite = all(m.get("skipped", 0) == 0 for m in ms)
-    return {"steps": len(ms), "finite": finite, "t_gen": round(sum(m["t_gen"] for m in ms), 1),
+    updated = [m for m in ms if m["active"]]
+    finite = bool(updated) and all(m.get("skipped", 0) == 0 for m in updated)
+    return {"steps": len(ms), "updated": len(updated), "finite": finite, "t_gen": round(sum(m["t_gen"] for m in ms), 1),
             "t_train": round(sum(m["t_train"] for m in ms), 1), "routed": [round(m.get("routed", 0), 3) for m in ms]}
 
 
@@ -53,6 +57,7 @@ def main(argv=None):
                                "--warmup-steps", "0", "--out", small])
     b_wall, b_mem = timed_run(["--model", "qwen3-4b-random", "--layers", a.layers, "--device", "cuda",
                                "--router", "grad", "--steps", "1", "--source", "simple", "--difficulty", "hard",
+                               "--teacher-frac", "0.5", "--teacher-until", "1",  # random weights: rewards all 0
                                "--eval-every", "0", "--out", big])
     res = {"gpu": torch.cuda.get_device_name(), "smollm2_bf16": {**step_summary(small), "wall_s": round(s_wall, 1),
                                                                  "peak_gib": round(s_mem, 2)},

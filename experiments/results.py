@@ -49,8 +49,8 @@ def run_one(router, seed, fresh=False, coherence=COHERENCE, top=None):
     rel = os.path.relpath(out, ROOT)  # the commands run in ROOT and name it relative: eval.json keeps no machine path
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    cmds = [["python", "train.py", "--config", "recipes/laptop.json", "--router", router,
-             "--seed", str(seed), "--out", rel],
+    how = ["--router", "none", "--steps", "0"] if router == "warmup" else ["--router", router]  # the warm-up only
+    cmds = [["python", "train.py", "--config", "recipes/laptop.json", *how, "--seed", str(seed), "--out", rel],
             ["python", "eval.py", "--ckpt", rel, "--coherence-steps", coherence]]
     if not fresh and os.path.exists(os.path.join(out, "ckpt")):
         stale(cmds[0][2:], out)

@@ -12,8 +12,10 @@ import re
 import statistics
 import sys
 
-PLAN = [("none", s) for s in (0, 1, 2)] + [("label", s) for s in (0, 1, 2)] + [("grad", s) for s in (0, 1, 2)] \
-    + [("act", 0), ("erase", 0), ("screen", 0), ("penalty", 0)]
+# the headline's runs: 3 seeds of plain GRPO, the warm-up alone (`warmup`: RL's share is none - warmup), the
+# routers, their controls and the reward-side baselines; 1 seed of the two variants
+PLAN = [(r, s) for r in ("none", "warmup", "label", "grad", "placebo", "uniform", "screen", "penalty")
+        for s in (0, 1, 2)] + [("act", 0), ("erase", 0)]
 HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
 ROOT = os.path.dirname(HERE)  # the repo root: train.py and eval.py run here
 RESULTS = os.path.join(HERE, "results")
@@ -147,7 +149,8 @@ def headline(rows):
         return "\n".join(lines + ["", "No run has finished yet."])
     ex = next((m for m, _ in rows if "note" not in m), rows[0][0])
     rel = os.path.relpath(RESULTS, ROOT)
-    foot = [f"Every run: `python train.py --router R --seed S --out runs/results/R-sS`, then `python eval.py --ckpt "
+    foot = [f"Every run: `python train.py --config recipes/laptop.json --router R --seed S --out runs/results/R-sS` "
+            "(`warmup`: `--router none --steps 0`), then `python eval.py --ckpt "
             f"runs/results/R-sS --coherence-steps {COHERENCE}` "
             "(`python experiments/results.py run --router R --seed S`; "
             f"as run: `{rel}/R-sS/run.json`, e.g. `{ex['train']}`). Seen modes (flagged by the detector): "

@@ -123,10 +123,12 @@ def test_results_run_names_the_run_relative_to_the_repo():
     try:
         results.run_one("grad", 3, fresh=True)
         results.run_one("grad", 3, True, results.KSTEPS, os.path.join(results.RESULTS, results.KSWEEP))  # = ksweep
+        results.run_one("warmup", 0, fresh=True)  # the warm-up alone: plain GRPO's run with no RL step
     finally:
         results.RUNS, results.RESULTS, results.subprocess.call = saved
     rel = os.path.relpath(os.path.join(TMP, "run1", "runs", "grad-s3"), results.ROOT)
-    assert [c[c.index("--out" if "train.py" in c[1] else "--ckpt") + 1] for c in calls] == [rel] * 4
+    assert [c[c.index("--out" if "train.py" in c[1] else "--ckpt") + 1] for c in calls[:4]] == [rel] * 4
+    assert " ".join(calls[4][1:]).startswith("train.py --config recipes/laptop.json --router none --steps 0 --seed 0")
     dst = os.path.join(TMP, "run1", "results", "grad-s3")
     meta = json.load(open(os.path.join(dst, "run.json")))
     assert meta["train"] == f"python train.py --config recipes/laptop.json --router grad --seed 3 --out {rel}"
