@@ -96,7 +96,7 @@ def test_unreachable_hub_id_is_one_line_exit_2():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "--model smollm2" in lines[0], p.stderr
+    assert p.returncode == 2 and len(lines) == 1 and "--config recipes/laptop.json" in lines[0], p.stderr
 
 
 def run_all(mods=None):
