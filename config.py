@@ -115,7 +115,8 @@ def load_recipe(p, path):
         ckpt.die(f"--config {path}: not JSON ({e.msg} at line {e.lineno})")
     if not isinstance(cfg, dict):
         ckpt.die(f"--config {path}: not a JSON object")
-    bad = [k for k in cfg if not k.startswith("_") and k not in {act.dest for act in p._actions}]
+    dests = {act.dest for act in p._actions}
+    bad = [k for k in cfg if not k.startswith("_") and k not in dests]
     if bad:
         ckpt.die(f"--config {path}: unknown argument {bad[0]!r}")
     p.set_defaults(**{k: v for k, v in cfg.items() if not k.startswith("_")})

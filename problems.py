@@ -157,7 +157,7 @@ def load_problems(source="simple", split="train", n=None, seed=0, difficulty=Non
     levels = difficulty.split(",") if difficulty else LEVELS
     chosen = [p for p in probs if p.difficulty in levels]
     if impossible.LEVEL in levels:  # the variants of the levels asked for (alone: of every level)
-        honest = [p for p in probs if p.difficulty in levels] or [p for p in probs if p.difficulty in LEVELS]
+        honest = chosen or [p for p in probs if p.difficulty in LEVELS]
         chosen += [v for v in map(impossible.variant, honest) if v is not None]
     random.Random(seed).shuffle(chosen)
     return chosen[:n] if n is not None else chosen
