@@ -138,8 +138,8 @@ def test_steps_zero_trains_the_warm_up_only():
 
 
 def test_recipes_gpu_defaults_and_the_laptop_file():
-    """The defaults are the GPU recipe; recipes/laptop.json gives the laptop run its earlier defaults exactly
-    (make demo unchanged); a flag beats the recipe; the recipe's path is saved with the run's arguments;
+    """The defaults are the GPU recipe; recipes/laptop.json gives the laptop run (the earlier defaults, with
+    impossible problems and 16 RL steps); a flag beats the recipe; the recipe's path is saved with the run's arguments;
     --eval-every logs the trained and deployed models on validation problems (heldout.jsonl)."""
     gpu = vars(config.get_args([]))
     want = dict(model="Qwen/Qwen3-4B", steps=200, prompts=16, group_size=16, warmup_steps=0, teacher_frac=0.0,
@@ -147,7 +147,7 @@ def test_recipes_gpu_defaults_and_the_laptop_file():
                 difficulty="medium,hard,impossible")
     assert {k: gpu[k] for k in want} == want
     laptop = vars(config.get_args(["--config", config.LAPTOP, "--steps", "3"]))
-    old = dict(model="smollm2", grad_ckpt=False, source="simple", difficulty="medium,hard", warmup_steps=32,
+    old = dict(model="smollm2", grad_ckpt=False, source="simple", difficulty="medium,hard,impossible", warmup_steps=32,
                warmup_lr=5e-2, teacher_frac=0.25, teacher_until=8, steps=3, prompts=2, group_size=8,
                max_new_tokens=96, temperature=0.7, lr=5e-2, beta=0.0, micro=8, eval_every=0, none_frac=0.2,
                router="grad", adapter="svd", seen="run_tests,file_marker", tpr=1.0, fpr=0.0, vhack_k=1)

@@ -4,6 +4,7 @@ The headline experiment's runs and its results tables.
     python experiments/results.py run --router grad --seed 0   # train.py + eval.py (defaults) -> experiments/results/
     python experiments/results.py table          # rebuild the tables from experiments/results/*/eval.json
     python experiments/results.py all --jobs 2   # every run of the plan, from scratch, 2 at a time (make results)
+    python experiments/results.py all --jobs 2 --resume  # only the runs not in experiments/results yet
     python experiments/results.py rescore        # eval.json summaries again from the kept completions
     python experiments/results.py coherence      # the tables of the retain fine-tuning curves (RESULTS.md)
     python experiments/results.py ksweep --router grad --seed 0  # that run after 1,2,4,8 retain steps -> results/ksweep
@@ -11,7 +12,7 @@ The headline experiment's runs and its results tables.
     python experiments/results.py compare [--top DIR]  # paired differences against none and placebo (compare.py)
 
 `table` writes the headline table (one row per router) into the top-level README.md and the full
-tables (every model of every router, and the earlier sets results/v1, v2) into experiments/RESULTS.md;
+tables (every model of every router, and the earlier sets results/v1..v3) into experiments/RESULTS.md;
 the tables themselves are rendered by experiments/tables.py. This file launches the runs.
 train.py and eval.py run from the repo root, as `python train.py ...` and `python eval.py ...`. Each run
 trains in runs/results/<router>-s<seed> under the repo root and evaluates there; its eval.json, eval.md,
@@ -75,14 +76,19 @@ def run_one(router, seed, fresh=False, coherence=COHERENCE, top=None):
     print(f"{name}: train {walls[0]:.0f} s, eval {walls[1]:.0f} s -> {dst}")
 
 
-def run_all(plan, jobs, call=subprocess.call):
+def run_all(plan, jobs, resume=False, call=subprocess.call):
     """Every run of plan from scratch, `jobs` at a time, each a `results.py run --fresh` process with
-    cores/jobs threads (on 2 cores two runs at 1 thread each finish sooner than one after the other)."""
+    cores/jobs threads (on 2 cores two runs at 1 thread each finish sooner than one after the other).
+    resume: leave out the runs already in experiments/results (their run.json), and continue a killed
+    one from its checkpoint in runs/results instead of starting it again."""
     from concurrent.futures import ThreadPoolExecutor
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    if resume:
+        plan = [(r, s) for r, s in plan if not os.path.exists(os.path.join(RESULTS, f"{r}-s{s}", "run.json"))]
 
     def cmd(rs):
-        return [sys.executable, os.path.abspath(__file__), "run", "--router", rs[0], "--seed", str(rs[1]), "--fresh"]
+        return [sys.executable, os.path.abspath(__file__), "run", "--router", rs[0], "--seed", str(rs[1])] + \
+            ([] if resume else ["--fresh"])
 
     with ThreadPoolExecutor(jobs) as pool:
         codes = list(pool.map(lambda rs: call(cmd(rs), cwd=ROOT, env=env), plan))
@@ -138,6 +144,7 @@ def main(argv=None):
     p.add_argument("--router", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in runs/results first")
+    p.add_argument("--resume", action="store_true", help="all: only the runs not in experiments/results yet")
     p.add_argument("--jobs", type=int, default=1, help="all: runs at a time, each with cores/jobs threads")
     p.add_argument("--top", default=None, help="run, compare: the results folder (default experiments/results)")
     p.add_argument("--model", default="deployed", help="compare: which evaluated model")
@@ -155,8 +162,9 @@ def main(argv=None):
         rescore()
     elif a.what == "all":
         t = time.time()
-        run_all(PLAN, a.jobs)
-        print(f"all {len(PLAN)} runs, {a.jobs} at a time: {(time.time() - t) / 3600:.2f} h")
+        run_all(PLAN, a.jobs, a.resume)
+        print(f"all {len(PLAN)} runs{' (resumed)' if a.resume else ''}, {a.jobs} at a time: "
+              f"{(time.time() - t) / 3600:.2f} h")
     olds = [v for v in OLD if os.path.isdir(os.path.join(RESULTS, v))]
     if a.what in ("coherence", "ksweep"):
         text = coherence_table()
@@ -165,8 +173,8 @@ def main(argv=None):
             sweep = coherence_table(os.path.join(RESULTS, KSWEEP))
             write_table(sweep, "coherence-ksweep")
             text = sweep if a.what == "ksweep" else text  # print the table the command just added to
-        if "v2" in olds:  # v1 predates --coherence-steps
-            write_table(coherence_table(os.path.join(RESULTS, "v2")), "coherence-v2")
+        for v in (v for v in olds if v != "v1"):  # v1 predates --coherence-steps
+            write_table(coherence_table(os.path.join(RESULTS, v)), f"coherence-{v}")
         return print(text)
     rows = load()
     text = table(rows)

@@ -13,14 +13,15 @@ import statistics
 import sys
 
 # the headline's runs: 3 seeds of plain GRPO, the warm-up alone (`warmup`: RL's share is none - warmup), the
-# routers, their controls and the reward-side baselines; 1 seed of the two variants
-PLAN = [(r, s) for r in ("none", "warmup", "label", "grad", "placebo", "uniform", "screen", "penalty")
-        for s in (0, 1, 2)] + [("act", 0), ("erase", 0)]
+# routers, their controls and the reward-side baselines; 1 seed of the two variants. Seed by seed, so that a
+# partly run plan has every router of seed 0 first.
+PLAN = [(r, s) for s in (0, 1, 2) for r in ("none", "warmup", "grad", "placebo", "label", "uniform", "screen",
+                                            "penalty") + (("act", "erase") if s == 0 else ())]
 HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
 ROOT = os.path.dirname(HERE)  # the repo root: train.py and eval.py run here
 RESULTS = os.path.join(HERE, "results")
 COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (RESULTS.md)
-OLD = ("v1", "v2")  # results/v1, v2: the 13 runs under each set of earlier defaults (their tables: RESULTS.md)
+OLD = ("v1", "v2", "v3")  # results/v1..v3: the 13 runs under each set of earlier defaults (tables: RESULTS.md)
 README, NOTEBOOK = "README.md", os.path.join("experiments", "RESULTS.md")  # relative to ROOT
 
 

@@ -71,7 +71,8 @@ def test_results_table_is_built_from_runs():
 
 def test_results_all_runs_every_run_once_jobs_at_a_time():
     """results.py all --jobs N: each run of the plan once, as `results.py run --fresh`, never more than N at
-    once, each with cores/N threads; a failed run is named and the exit is non-zero; --jobs 0 is refused."""
+    once, each with cores/N threads; a failed run is named and the exit is non-zero; --jobs 0 is refused;
+    --resume runs only the runs with no run.json in experiments/results, without --fresh."""
     import threading
     import time
 
@@ -89,12 +90,23 @@ def test_results_all_runs_every_run_once_jobs_at_a_time():
             live[0] -= 1
         return 1 if cmd[cmd.index("--router") + 1] == "act" else 0
     try:
-        results.run_all(plan, 2, call)
+        results.run_all(plan, 2, call=call)
         raise AssertionError("a failed run must exit")
     except SystemExit as e:
         assert str(e) == "error: act-s0 failed (their logs are above)"
     threads = str(max(1, (os.cpu_count() or 1) // 2))
     assert sorted(seen) == sorted((r, s, True, threads) for r, s in plan) and peak[0] == 2
+    saved, seen[:] = results.RESULTS, []  # --resume: the finished runs (run.json) left out, the others not fresh
+    results.RESULTS = os.path.join(TMP, "resume")
+    try:
+        for d in ("none-s0", "grad-s1"):
+            os.makedirs(os.path.join(results.RESULTS, d), exist_ok=True)
+            open(os.path.join(results.RESULTS, d, "run.json"), "w").write("{}")
+        os.makedirs(os.path.join(results.RESULTS, "grad-s0"), exist_ok=True)  # a run with no run.json is not done
+        results.run_all([p for p in plan if p[0] != "act"], 2, resume=True, call=call)
+    finally:
+        results.RESULTS = saved
+    assert sorted(seen) == [("grad", 0, False, threads), ("label", 2, False, threads)]
     try:
         results.main(["all", "--jobs", "0"])
         raise AssertionError("--jobs 0 must exit")
