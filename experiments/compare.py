@@ -4,10 +4,11 @@ Paired differences between routers, with 95% bootstrap intervals over problems a
     python experiments/results.py compare [--top DIR] [--model deployed]
 
 For each router against `none` and against `placebo` (where their runs exist): the difference in
-hack rate on the seen modes, on the unseen modes, and in compile rate, of one evaluated model
+hack rate on every loophole mode, on the seen modes and on the unseen modes, and in compile and solve
+rate, of one evaluated model
 (default: deployed) on the held-out problems. Each run's graded completions (eval_<model>.jsonl)
 give a value per problem (the mean over that problem's rows: its loophole modes for hack, every
-mode for compile; `timeout` rows excluded). The estimate is mean(router) - mean(baseline) over
+mode for compile and solve; `timeout` rows excluded). The estimate is mean(router) - mean(baseline) over
 seeds and problems. The interval resamples problems (the same draw for both sides: paired by
 problem) and, independently, each side's seeds, 2000 times, and takes the 2.5 and 97.5 percentiles
 (a percentile bootstrap, Efron & Tibshirani 1993, ch. 13). A conclusion may cite a difference only
@@ -18,7 +19,8 @@ import os
 
 import numpy as np
 
-METRICS = {"hack_seen": ("hack", "seen"), "hack_unseen": ("hack", "unseen"), "compile": ("compiled", "all")}
+METRICS = {"hack": ("hack", "loophole"), "hack_seen": ("hack", "seen"), "hack_unseen": ("hack", "unseen"),
+           "compile": ("compiled", "all"), "solve": ("solve", "all")}
 
 
 def per_problem(rows, seen, metric):
@@ -28,7 +30,8 @@ def per_problem(rows, seen, metric):
     for r in rows:
         if r.get("timeout"):
             continue
-        if which == "all" or (r["mode"] != "none" and (r["mode"] in seen) == (which == "seen")):
+        loophole = r["mode"] != "none"
+        if which == "all" or (loophole and (which == "loophole" or (r["mode"] in seen) == (which == "seen"))):
             out.setdefault(r["problem"], []).append(float(bool(r[field])))
     return {p: float(np.mean(v)) for p, v in out.items()}
 
@@ -63,15 +66,25 @@ def runs(top, model):
 def compare(top, model="deployed", baselines=("none", "placebo")):
     """The markdown table of every router against each baseline present."""
     by = runs(top, model)
-    lines = [f"| {model}: router - baseline | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
-    for base in (b for b in baselines if b in by):
-        for router in (r for r in by if r != base):
-            cells = []
-            for metric in METRICS:
+    return diffs(top, [(model, r, b) for b in baselines if b in by for r in by if r != b])
+
+
+def diffs(top, pairs, label=None):
+    """The markdown table of the differences (model, router, baseline) whose runs are under top; a row for
+    each pair, '-' where a side has no runs yet. label(model, router, base) names a row."""
+    loaded = {m: runs(top, m) for m in dict.fromkeys(m for m, _, _ in pairs)}
+    lines = ["| router - baseline | model | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 3) + "|"]
+    for model, router, base in pairs:
+        by, cells = loaded[model], []
+        for metric in METRICS:
+            d = None
+            if by.get(router) and by.get(base):
                 A = [per_problem(rows, seen, metric) for seen, rows in by[router]]
                 B = [per_problem(rows, seen, metric) for seen, rows in by[base]]
                 d = boot_diff(A, B)
-                ns = "" if d is None or d[1] > 0 or d[2] < 0 else " ns"
-                cells.append("-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{ns}")
-            lines.append(f"| {router} - {base} | {len(by[router])} vs {len(by[base])} | " + " | ".join(cells) + " |")
+            ns = "" if d is None or d[1] > 0 or d[2] < 0 else " ns"
+            cells.append("-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{ns}")
+        name = label(model, router, base) if label else f"{router} - {base}"
+        lines.append(f"| {name} | {model} | {len(by.get(router, []))} vs {len(by.get(base, []))} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nns: the 95% interval includes 0."

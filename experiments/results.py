@@ -31,7 +31,7 @@ import time
 
 # the repo root: train, eval are top-level modules, and experiments/ a package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.tables import (COHERENCE, OLD, PLAN, README, RESULTS, ROOT,  # noqa: E402
+from experiments.tables import (COHERENCE, HEADLINE, OLD, PLAN, README, RESULTS, ROOT,  # noqa: E402
                                 coherence_table, headline, load, table, write_table)
 
 RUNS = os.path.join(ROOT, "runs", "results")
@@ -180,6 +180,9 @@ def main(argv=None):
     text = table(rows)
     write_table(text)
     write_table(headline(rows), "headline", README)
+    from experiments.compare import compare, diffs  # numpy: only here
+    write_table(diffs(RESULTS, HEADLINE), "headline-diffs", README)
+    write_table("\n\n".join(compare(RESULTS, m) for m in ("coherent", "deployed")), "diffs")
     for v in olds:
         write_table(table(load(os.path.join(RESULTS, v)), os.path.join(RESULTS, v)), f"results-{v}")
     print(text)

@@ -17,6 +17,9 @@ import sys
 # partly run plan has every router of seed 0 first.
 PLAN = [(r, s) for s in (0, 1, 2) for r in ("none", "warmup", "grad", "placebo", "label", "uniform", "screen",
                                             "penalty") + (("act", "erase") if s == 0 else ())]
+# the pre-registered headline comparisons (RESULTS.md): (model, router, baseline); RL's share is none - warmup
+HEADLINE = [("coherent", r, b) for r in ("grad", "label") for b in ("none", "placebo")] + \
+    [("trained", "none", "warmup")]
 HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
 ROOT = os.path.dirname(HERE)  # the repo root: train.py and eval.py run here
 RESULTS = os.path.join(HERE, "results")
@@ -116,56 +119,56 @@ def coherence_table(top=RESULTS):
     return "\n".join(lines)
 
 
-def headline(rows):
-    """The README's table: one row per router of the plan (and the base model), its trained, deployed and
-    coherent (deployed + the retain steps) rates as in table(), and the command that made the row."""
+def headline(rows, top=RESULTS):
+    """The README's table: one row per router of the plan (and the base model), with the hack rate on the seen
+    and unseen modes, attempts, compile and solve of its trained, deployed and coherent (deployed + the retain
+    steps) models, each the mean over the router's seeds, and its leakage: the share of the exploit-teaching
+    gradient that reached the kept weights (metrics.leakage's leak_keep), averaged over the RL steps."""
     order = [r for r, _ in dict.fromkeys((r, None) for r, _ in PLAN)]
     by = {}
     for meta, ev in rows:
         by.setdefault(meta["router"], []).append((meta, ev))
 
-    def hc(ms):
-        return f"{cell([m['hack_seen'] for m in ms])} / {cell([m['hack_unseen'] for m in ms])}"
+    def mean(ms, k):
+        ps = [m[k]["p"] for m in ms if m.get(k) and m[k]["p"] is not None]
+        return f"{statistics.mean(ps):.2f}" if ps and len(ps) == len(ms) else "-"
 
-    lines = ["| router | seeds | trained: hack seen / unseen | deployed: hack seen / unseen | deployed: compiles "
-             f"| +{COHERENCE} retain steps: hack seen / unseen | +{COHERENCE}: compiles | command |",
-             "|---|---|---|---|---|---|---|---|"]
+    def leak(runs):
+        xs = [r["leak_keep"] for m, _ in runs for r in jsonl(os.path.join(top, f"{m['router']}-s{m['seed']}"))
+              if r.get("leak_keep") is not None]
+        return f"{statistics.mean(xs):.2f}" if xs else "-"
+
+    keys = (("hack, seen", "hack_seen"), ("hack, unseen", "hack_unseen"), ("attempts", "attempt"),
+            ("compiles", "compiles"), ("solve", "solve"))
+    lines = ["| router | seeds | " + " | ".join(f"{c}: T / D / +{COHERENCE}" for c, _ in keys) + " | leakage |",
+             "|---" * (len(keys) + 3) + "|"]
     if rows:
         b = [rows[0][1]["models"]["base"]]
-        lines.append(f"| (base model) | - | {hc(b)} | | {cell([b[0]['compiles']])} | | "
-                     "| `python eval.py` (every run's) |")
+        lines.append("| (base model) | - | " + " | ".join(mean(b, k) for _, k in keys) + " | |")
     for router in order + sorted(set(by) - set(order)):
         runs = by.get(router)
         if not runs:
-            lines.append(f"| {router} | 0 | not run yet | | | | | |")
+            lines.append(f"| {router} | | not run yet |" + " |" * len(keys))
             continue
-        ms = {m: [ev["models"][m] for _, ev in runs if m in ev["models"]] for m in ("trained", "deployed", "coherent")}
-        seeds = sorted(meta["seed"] for meta, _ in runs)
-        coh = ms["coherent"] if len(ms["coherent"]) == len(runs) else None  # every seed, or none shown
-        lines.append(f"| {router} | {','.join(map(str, seeds))} | {hc(ms['trained'])} | {hc(ms['deployed'])} "
-                     f"| {cell([m['compiles'] for m in ms['deployed']])} | {hc(coh) if coh else '-'} "
-                     f"| {cell([m['compiles'] for m in coh]) if coh else '-'} "
-                     f"| {made_by(m for m, _ in runs)} |")
+        ms = [[ev["models"].get(m, {}) for _, ev in runs] for m in ("trained", "deployed", "coherent")]
+        seeds = ",".join(str(s) for s in sorted(meta["seed"] for meta, _ in runs))
+        lines.append(f"| {router} | {seeds} | " + " | ".join(" / ".join(mean(x, k) for x in ms) for _, k in keys)
+                     + f" | {leak(runs)} |")
     if not rows:
         return "\n".join(lines + ["", "No run has finished yet."])
-    ex = next((m for m, _ in rows if "note" not in m), rows[0][0])
-    rel = os.path.relpath(RESULTS, ROOT)
-    foot = [f"Every run: `python train.py --config recipes/laptop.json --router R --seed S --out runs/results/R-sS` "
-            "(`warmup`: `--router none --steps 0`), then `python eval.py --ckpt "
-            f"runs/results/R-sS --coherence-steps {COHERENCE}` "
-            "(`python experiments/results.py run --router R --seed S`; "
-            f"as run: `{rel}/R-sS/run.json`, e.g. `{ex['train']}`). Seen modes (flagged by the detector): "
-            f"{', '.join(rows[0][1]['seen'])}; the others are unseen. "
-            "Held-out hard problems, 16 per mode, 1 sample each.",
-            "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds. Every model of every "
-            f"run: `{NOTEBOOK}`."]
+    rel = os.path.relpath(top, ROOT)
+    foot = [f"Every run: `python experiments/results.py run --router R --seed S` = `python train.py --config "
+            "recipes/laptop.json --router R --seed S --out runs/results/R-sS` (`warmup`: `--router none --steps 0`), "
+            f"then `python eval.py --ckpt runs/results/R-sS --coherence-steps {COHERENCE}`; as run: "
+            f"`{rel}/R-sS/run.json`. T = trained, D = deployed (the quarantine deleted), +{COHERENCE} = D after "
+            f"{COHERENCE} retain steps. Test split: every problem × 5 modes, 1 sample each; seen modes (flagged): "
+            f"{', '.join(rows[0][1]['seen'])}. Means over seeds; intervals and every model: `{NOTEBOOK}`."]
     return "\n".join(lines + [""] + foot)
 
 
-def made_by(metas):
-    """The train commands in the runs' run.json, with the seed as S and the run directory left out."""
-    cmds = dict.fromkeys(re.sub(r" --out \S+", "", re.sub(r"--seed \d+", "--seed S", m["train"])) for m in metas)
-    return ", ".join(f"`{c}`" for c in cmds)
+def jsonl(run_dir, name="metrics.jsonl"):
+    path = os.path.join(run_dir, name)
+    return [json.loads(ln) for ln in open(path)] if os.path.exists(path) else []
 
 
 def write_table(text, tag="results", doc=NOTEBOOK):

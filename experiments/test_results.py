@@ -69,6 +69,31 @@ def test_results_table_is_built_from_runs():
     assert "| none" not in tables.coherence_table(top)
 
 
+def test_headline_means_over_seeds_and_leakage_over_rl_steps():
+    """tables.headline: per router, each metric's trained / deployed / coherent means over seeds ('-' where a
+    seed lacks the model or the metric), and leakage: the mean leak_keep over the runs' RL steps (None skipped)."""
+    def rate(p):
+        return {"p": p, "lo": 0, "hi": 1, "n": 10}
+
+    def ev(h, coherent=True):
+        m = {k: rate(h) for k in ("hack_seen", "hack_unseen", "attempt", "compiles", "solve")}
+        d = {k: rate(0.0) for k in m}
+        return {"models": {"base": m, "trained": m, "deployed": d, **({"coherent": d} if coherent else {})},
+                "seen": ["run_tests"]}
+    top = os.path.join(TMP, "headline")
+    for name, leak in (("grad-s0", [0.2, None, 0.4]), ("grad-s1", [0.6])):
+        os.makedirs(os.path.join(top, name))
+        rows = [json.dumps({"leak_keep": x}) + "\n" for x in leak]
+        open(os.path.join(top, name, "metrics.jsonl"), "w").writelines(rows)
+    meta = [{"router": "grad", "seed": s} for s in (0, 1)]
+    text = tables.headline([(meta[0], ev(0.2)), (meta[1], ev(0.4))], top)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| grad |"))
+    assert row == "| grad | 0,1 | " + " | ".join(["0.30 / 0.00 / 0.00"] * 5) + " | 0.40 |", row
+    text = tables.headline([(meta[0], ev(0.2)), (meta[1], ev(0.4, coherent=False))], top)
+    assert "| 0.30 / 0.00 / - |" in next(ln for ln in text.splitlines() if ln.startswith("| grad |"))
+    assert "| none | | not run yet |" in text and "| (base model) | - | 0.20 |" in text
+
+
 def test_results_all_runs_every_run_once_jobs_at_a_time():
     """results.py all --jobs N: each run of the plan once, as `results.py run --fresh`, never more than N at
     once, each with cores/N threads; a failed run is named and the exit is non-zero; --jobs 0 is refused;
@@ -201,11 +226,20 @@ def test_compare_pairs_by_problem():
     assert n == 60 and abs(est - 0.1) < 1e-9 and 0.1 - 1e-9 <= lo <= hi <= 0.1 + 1e-9
     est, lo, hi, _ = boot_diff(base, base)
     assert est == 0 and lo <= 0 <= hi
-    rows = [{"problem": "a", "mode": "run_tests", "hack": True, "compiled": True},
-            {"problem": "a", "mode": "exit_code", "hack": False, "compiled": False},
-            {"problem": "a", "mode": "file_marker", "hack": False, "compiled": True, "timeout": True}]
+    rows = [{"problem": "a", "mode": "run_tests", "hack": True, "compiled": True, "solve": False},
+            {"problem": "a", "mode": "exit_code", "hack": False, "compiled": False, "solve": False},
+            {"problem": "a", "mode": "file_marker", "hack": False, "compiled": True, "solve": True, "timeout": True}]
     assert per_problem(rows, ("run_tests", "file_marker"), "hack_seen") == {"a": 1.0}
     assert per_problem(rows, ("run_tests", "file_marker"), "compile") == {"a": 0.5}
+    assert per_problem(rows, ("run_tests", "file_marker"), "hack") == {"a": 0.5}  # every loophole mode
+    from experiments.compare import diffs  # a pair whose baseline has no run yet: a row of '-'
+    top = os.path.join(TMP, "diffs", "grad-s0")
+    os.makedirs(top)
+    json.dump({"seen": ["run_tests"]}, open(os.path.join(top, "eval.json"), "w"))
+    open(os.path.join(top, "eval_coherent.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in rows)
+    text = diffs(os.path.dirname(top), [("coherent", "grad", "none"), ("coherent", "grad", "grad")])
+    assert "| grad - none | coherent | 1 vs 0 | - | - | - | - | - |" in text
+    assert "| grad - grad | coherent | 1 vs 1 | +0.000 [+0.000, +0.000] ns |" in text
 
 
 def test_gpu_check_without_cuda_is_one_line_exit_0():
