@@ -25,7 +25,7 @@ sandbox:
 
 demo: install
 	$(PY) train.py --config recipes/laptop.json --out $(OUT)
-	$(PY) eval.py --ckpt $(OUT) --coherence-steps 8
+	$(PY) eval.py --ckpt $(OUT) --coherence-steps 1
 
 test: install
 	$(PY) test_all.py

@@ -23,7 +23,7 @@ HEADLINE = [("coherent", r, b) for r in ("grad", "label") for b in ("none", "pla
 HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
 ROOT = os.path.dirname(HERE)  # the repo root: train.py and eval.py run here
 RESULTS = os.path.join(HERE, "results")
-COHERENCE = "8"  # eval.py --coherence-steps: the deployed model after ERA's retain fine-tuning too (RESULTS.md)
+COHERENCE = "1"  # eval.py --coherence-steps K, pre-registered (RESULTS.md): the deployed model after K retain steps too
 OLD = ("v1", "v2", "v3")  # results/v1..v3: the 13 runs under each set of earlier defaults (tables: RESULTS.md)
 README, NOTEBOOK = "README.md", os.path.join("experiments", "RESULTS.md")  # relative to ROOT
 

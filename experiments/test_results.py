@@ -170,7 +170,7 @@ def test_results_run_names_the_run_relative_to_the_repo():
     meta = json.load(open(os.path.join(dst, "run.json")))
     assert meta["train"] == f"python train.py --config recipes/laptop.json --router grad --seed 3 --out {rel}"
     assert not os.path.isabs(rel)
-    assert meta["eval"] == f"python eval.py --ckpt {rel} --coherence-steps 8"
+    assert meta["eval"] == f"python eval.py --ckpt {rel} --coherence-steps {results.COHERENCE}"
     assert sorted(os.listdir(dst)) == ["eval.json", "eval_coherent.jsonl", "eval_deployed.jsonl", "run.json"]
     meta = json.load(open(os.path.join(TMP, "run1", "results", "ksweep", "grad-s3", "run.json")))
     assert meta["eval"] == f"python eval.py --ckpt {rel} --coherence-steps 1,2,4,8"
