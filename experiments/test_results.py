@@ -242,6 +242,25 @@ def test_compare_pairs_by_problem():
     assert "| grad - grad | coherent | 1 vs 1 | +0.000 [+0.000, +0.000] ns |" in text
 
 
+def test_relearn_table_counts_steps_to_none_level():
+    """relearn.table: none's level is the mean hack of its last 4 RL steps (None skipped); the first relearn
+    step at or above it, "> N" when none reaches it; a missing checkpoint is one error line, not a crash."""
+    from experiments import relearn
+    res, top = os.path.join(TMP, "relearn-res"), os.path.join(TMP, "relearn-top")
+    os.makedirs(os.path.join(res, "none-s2"))
+    hacks = [0.0, 0.9, 0.4, None, 0.5, 0.6, 0.7]  # last 4 non-None: 0.4, 0.5, 0.6, 0.7 -> 0.55
+    open(os.path.join(res, "none-s2", "metrics.jsonl"), "w").writelines(json.dumps({"hack": h}) + "\n" for h in hacks)
+    for name, curve in (("grad-s2", [0.1, None, 0.6, 0.2]), ("label-s2", [0.1, 0.5])):
+        os.makedirs(os.path.join(top, name))
+        json.dump({"relearn": {"hack_per_step": curve}}, open(os.path.join(top, name, "eval.json"), "w"))
+        json.dump({"seed": 2}, open(os.path.join(top, name, "run.json"), "w"))
+    rows = relearn.table(top, res).splitlines()
+    assert rows[2] == "| grad-s2 | 0.55 | 0.10 - 0.60 0.20 | 3 |", rows
+    assert rows[3] == "| label-s2 | 0.55 | 0.10 0.50 | > 2 |", rows
+    err = relearn.run_one("grad", 99, 1)
+    assert err.startswith(os.path.join(relearn.SRC, "grad-s99") + ": no checkpoint"), err
+
+
 def test_gpu_check_without_cuda_is_one_line_exit_0():
     """make gpu-check on a machine without CUDA: one line saying it needs one, exit 0, nothing run."""
     import subprocess
