@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.results import commit, machine  # noqa: E402
+from experiments.results import commit, job_env, machine  # noqa: E402
 from experiments.tables import COHERENCE, RESULTS, ROOT, jsonl, write_table  # noqa: E402
 
 SRC, WORK = os.path.join(ROOT, "runs", "results"), os.path.join(ROOT, "runs", "relearn")
@@ -38,13 +38,8 @@ def run_one(router, seed, steps, env=None):
     if not os.path.exists(os.path.join(src, "ckpt")):
         return f"{src}: no checkpoint (train it first: python experiments/results.py run --router {router} " \
                f"--seed {seed})"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(src, out)
-    for f in os.listdir(out):  # the table's evaluation stays in runs/results; the probe writes its own
-        if f == "coherence":
-            shutil.rmtree(os.path.join(out, f))
-        elif f.startswith("eval"):
-            os.remove(os.path.join(out, f))
+    shutil.rmtree(out, ignore_errors=True)  # the run without the table's evaluation: the probe writes its own
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("eval*", "coherence"))
     rel = os.path.relpath(out, ROOT)
     cmd = ["python", "eval.py", "--ckpt", rel, "--n", "4", "--coherence-steps", COHERENCE,
            "--relearn-steps", str(steps)]
@@ -64,8 +59,8 @@ def run_one(router, seed, steps, env=None):
 
 def level(seed, results=RESULTS):
     """none's on-policy hack rate at the end of its RL (mean of the last LAST steps), or None."""
-    hs = [r["hack"] for r in jsonl(os.path.join(results, f"none-s{seed}")) if r.get("hack") is not None]
-    return sum(hs[-LAST:]) / len(hs[-LAST:]) if hs else None
+    hs = [r["hack"] for r in jsonl(os.path.join(results, f"none-s{seed}")) if r.get("hack") is not None][-LAST:]
+    return sum(hs) / len(hs) if hs else None
 
 
 def table(top=TOP, results=RESULTS):
@@ -96,7 +91,7 @@ def main(argv=None):
         sys.exit("error: --steps and --jobs must be at least 1")
     if a.what == "run":
         from concurrent.futures import ThreadPoolExecutor
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.jobs))}
+        env = job_env(a.jobs)
         with ThreadPoolExecutor(a.jobs) as pool:
             errs = [e for e in pool.map(lambda r: run_one(r, a.seed, a.steps, env), a.routers.split(",")) if e]
         if errs:

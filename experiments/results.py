@@ -82,7 +82,7 @@ def run_all(plan, jobs, resume=False, call=subprocess.call):
     resume: leave out the runs already in experiments/results (their run.json), and continue a killed
     one from its checkpoint in runs/results instead of starting it again."""
     from concurrent.futures import ThreadPoolExecutor
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    env = job_env(jobs)
     if resume:
         plan = [(r, s) for r, s in plan if not os.path.exists(os.path.join(RESULTS, f"{r}-s{s}", "run.json"))]
 
@@ -95,6 +95,11 @@ def run_all(plan, jobs, resume=False, call=subprocess.call):
     failed = [f"{r}-s{s}" for (r, s), code in zip(plan, codes) if code]
     if failed:
         sys.exit(f"error: {', '.join(failed)} failed (their logs are above)")
+
+
+def job_env(jobs):
+    """The environment of one of `jobs` processes sharing the machine: cores/jobs threads each."""
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
 
 
 def stale(argv, out):

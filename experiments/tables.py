@@ -13,9 +13,8 @@ import statistics
 import sys
 
 # the headline's runs: 3 seeds of plain GRPO, the warm-up alone (`warmup`: RL's share is none - warmup), the
-# routers, their controls and the reward-side baselines; 1 seed of the two variants. Seed by seed, so that a
-# partly run plan has every router of seed 0 first.
-# the table's runs in the order they run: the headline's routers seed by seed, then the other routers
+# routers, their controls and the reward-side baselines; 1 seed of the two variants. In the order they run:
+# the headline's routers seed by seed, then the others, so that a partly run plan fills the headline first.
 PLAN = [(r, s) for s in (0, 1, 2) for r in ("none", "warmup", "grad", "placebo", "label")] + \
     [(r, s) for s in (0, 1, 2) for r in ("uniform", "screen", "penalty")] + [("act", 0), ("erase", 0)]
 # the pre-registered headline comparisons (RESULTS.md): (model, router, baseline); RL's share is none - warmup
