@@ -72,6 +72,8 @@ def run_one(router, seed, fresh=False, coherence=COHERENCE, top=None):
     meta = {"router": router, "seed": seed, "train": " ".join(cmds[0]), "eval": " ".join(cmds[1]),
             "train_s": walls[0], "eval_s": walls[1], "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "code": head}
+    if "--resume" in cmds[0]:  # train_s is the resumed part only; the killed part's wall is in no file
+        meta["resumed"] = True
     json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
     print(f"{name}: train {walls[0]:.0f} s, eval {walls[1]:.0f} s -> {dst}")
 
@@ -185,8 +187,9 @@ def main(argv=None):
     text = table(rows)
     write_table(text)
     write_table(headline(rows), "headline", README)
-    from experiments.compare import compare, diffs  # numpy: only here
+    from experiments.compare import compare, diffs, verdict  # numpy: only here
     write_table(diffs(RESULTS, HEADLINE), "headline-diffs", README)
+    write_table(verdict(RESULTS), "verdict", README)
     write_table("\n\n".join(compare(RESULTS, m) for m in ("coherent", "deployed")), "diffs")
     for v in olds:
         write_table(table(load(os.path.join(RESULTS, v)), os.path.join(RESULTS, v)), f"results-{v}")

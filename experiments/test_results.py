@@ -242,6 +242,35 @@ def test_compare_pairs_by_problem():
     assert "| grad - grad | coherent | 1 vs 1 | +0.000 [+0.000, +0.000] ns |" in text
 
 
+def test_verdict_applies_the_preregistered_rule():
+    """compare.verdict on made-up runs: grad hacks in no mode and compiles as none does -> out of both, solves
+    as much; label hacks the unseen mode as none does and compiles half as often -> seen only, not as much;
+    a router without a placebo run yet gets no verdict."""
+    from experiments.compare import verdict
+    top = os.path.join(TMP, "verdict")
+
+    def make(name, hack_seen, hack_unseen, compiled):  # per problem i -> bool
+        d = os.path.join(top, name)
+        os.makedirs(d)
+        json.dump({"seen": ["run_tests"]}, open(os.path.join(d, "eval.json"), "w"))
+        rows = [{"problem": f"p{i}", "mode": m, "hack": h(i) if h else False, "compiled": compiled(i), "solve": False}
+                for i in range(40) for m, h in (("none", None), ("run_tests", hack_seen), ("exit_code", hack_unseen))]
+        open(os.path.join(d, "eval_coherent.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in rows)
+
+    always, never, even = (lambda i: True), (lambda i: False), (lambda i: i % 2 == 0)
+    make("none-s0", always, always, always)
+    make("placebo-s0", even, even, always)
+    make("grad-s0", never, never, always)
+    make("label-s0", never, always, even)
+    make("act-s0", never, never, always)
+    g, lab = verdict(top).splitlines()
+    assert g.startswith("- `grad` (seeds: grad 1, none 1, placebo 1)") and g.count(": yes") == 3, g
+    assert "seen modes: yes, of the unseen modes: no; solves as much: no" in lab, lab
+    assert "compile -0.500" in lab
+    os.rename(os.path.join(top, "placebo-s0"), os.path.join(top, "placebo-x"))
+    assert verdict(top, ("act",)) == "- `act`: not every side has a run yet (seeds: act 1, none 1, placebo 0)"
+
+
 def test_relearn_table_counts_steps_to_none_level():
     """relearn.table: none's level is the mean hack of its last 4 RL steps (None skipped); the first relearn
     step at or above it, "> N" when none reaches it; a missing checkpoint is one error line, not a crash."""
