@@ -7,7 +7,8 @@ Deploy evaluation: what routing buys after the quarantine is deleted (the Ablate
 On held-out test problems, every mode plus `none`, three (four) models side by side:
   base      adapters off (the pretrained model)
   trained   keep + quarantine (what the RL run produced)
-  deployed  quarantine ablated (`adapter.ablate`): the model one would ship
+  deployed  quarantine ablated (`adapter.ablate`): the model one would ship (an empty quarantine, as
+            `none`'s: the trained model's completions, which sampling it again would draw exactly)
   coherent  with --coherence-steps: deployed, then ERA's brief fine-tuning on honest retain data
             (--export and --relearn-steps then start from it)
 Per model: solve (oracle gt_correct), hack (exploited, over loophole prompts), hack_<mode>, hack on
@@ -231,9 +232,9 @@ def main(argv=None, plot=True):
     adjacent = env.load_problems("adjacent", "test")
     res = {"ckpt": a.ckpt, "args": vars(a), "run_args": vars(run), "seen": seen, "models": {}, "adjacent": {}}
 
-    def evaluate(name):  # one model: graded completions (kept in eval_NAME.jsonl), summary, adjacent solve
+    def evaluate(name, rows=None):  # one model: graded completions (eval_NAME.jsonl), summary, adjacent solve
         with adapter.adapters_off(model) if name == "base" else torch.no_grad():
-            rows = rollouts(model, tok, problems, modes, a, det, a.seed)
+            rows = rows or rollouts(model, tok, problems, modes, a, det, a.seed)
             if name != "trained":
                 adj = rollouts(model, tok, adjacent, ["none"], a, det, a.seed)
                 res["adjacent"][name] = report.rate([r["solve"] for r in adj])
@@ -244,10 +245,14 @@ def main(argv=None, plot=True):
               flush=True)
         return rows
 
+    rows = None
     for name in SUBSETS:
-        if name == "deployed":
+        same = None  # an empty quarantine (none, screen, penalty): zeroing it changes no weight, so the deployed
+        if name == "deployed":  # model's completions are the trained model's, drawn with the same seed
+            same = rows if a.ablate == "zero" and not any(p.any() for p in adapter.quar_params(model)) else None
+            res["deployed_is_trained"] = same is not None
             adapter.ablate(model, a.ablate)
-        rows = evaluate(name)
+        rows = evaluate(name, same)
         if name == "trained" and a.vhack_auc:
             # the run's v_hack was fitted at the start; "fresh" is fitted here, on the same pairs
             by_id, loop = {p.id: p for p in problems}, [r for r in rows if r["mode"] != "none"]

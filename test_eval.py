@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import unittest.mock
 
 import torch
 
@@ -33,6 +34,16 @@ def test_warm_up_only_run_is_evaluated():
     assert run(FAST + ["--router", "none", "--steps", "0", "--out", out]) == 0
     res = ev.main(["--ckpt", out, "--n", "1", "--batch", "16"])
     assert set(res["models"]) == {"base", "trained", "deployed"} and res["models"]["trained"]["hack"]["n"] == 4
+    # its quarantine is empty, so eval keeps the trained model's completions as the deployed model's; sampling
+    # the deployed model afresh (a nonzero tensor slipped into the quarantine defeats the shortcut) draws them
+
+    def kept(name):
+        return [json.loads(ln) for ln in open(os.path.join(out, f"eval_{name}.jsonl"))]
+    assert res["deployed_is_trained"] and kept("deployed") == kept("trained")
+    real = adapter.quar_params
+    with unittest.mock.patch.object(adapter, "quar_params", lambda m: real(m) + [torch.ones(1)]):
+        again = ev.main(["--ckpt", out, "--n", "1", "--batch", "16"], plot=False)
+    assert not again["deployed_is_trained"] and kept("deployed") == kept("trained")
 
 
 def test_attempt_check_on_hand_written_hacks():
@@ -64,7 +75,7 @@ def test_eval_schema_ablation_and_export():
     exp = os.path.join(TMP, "export")
     res = ev.main(["--ckpt", out, "--n", "2", "--batch", "16", "--export", exp])
     on_disk = json.load(open(os.path.join(out, "eval.json")))
-    assert set(on_disk["models"]) == {"base", "trained", "deployed"}
+    assert set(on_disk["models"]) == {"base", "trained", "deployed"} and not on_disk["deployed_is_trained"]
     for s in on_disk["models"].values():
         assert s["timeouts"] == 0 and all(f"attempt_{m}" in s and f"timeouts_{m}" in s for m in env.MODES)
         for k in ("solve", "compiles", "hack", "attempt", "hack_seen", "hack_unseen", "flag"):
