@@ -157,6 +157,10 @@ def test_recipes_gpu_defaults_and_the_laptop_file():
     assert json.load(open(os.path.join(out, "ckpt", "args.json")))["config"] == config.LAPTOP
     hs = metrics(out, "heldout.jsonl")
     assert [h["step"] for h in hs] == [0, 2] and all(set(h) == {"step", "trained", "deployed"} for h in hs)
+    open(os.path.join(out, "heldout.jsonl"), "w").write(json.dumps(hs[0]) + "\n")  # killed before step 2's
+    assert run(["--resume", out]) == 0  # evaluation: the resume makes it, and nothing else
+    assert [h["step"] for h in metrics(out, "heldout.jsonl")] == [0, 2]
+    assert run(["--resume", out]) == 0 and [h["step"] for h in metrics(out, "heldout.jsonl")] == [0, 2]
     assert all(0 <= h[m][k] <= 1 for h in hs for m in ("trained", "deployed") for k in ("hack", "solve", "attempt"))
 
 

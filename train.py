@@ -255,13 +255,16 @@ def run(a):
     open(log_path, "a").close()  # --steps 0 (the warm-up only) leaves it empty
     signal.signal(signal.SIGTERM, ckpt.raise_interrupt)
 
+    held_path = os.path.join(a.out, "heldout.jsonl")
+
     def heldout(step):  # --eval-every: the held-out curve, from step 0 (what RL adds), on rank 0
         if a.eval_every and dist.RANK == 0:
             import eval as ev  # eval.py imports this file; the other ranks wait at the next step
-            ev.heldout(model, tok, held, a, step, os.path.join(a.out, "heldout.jsonl"))
+            ev.heldout(model, tok, held, a, step, held_path)
 
-    if start == 0:
-        heldout(0)
+    logged = {json.loads(ln)["step"] for ln in open(held_path)} if os.path.exists(held_path) else set()
+    if a.eval_every and (start % a.eval_every == 0 or start == a.steps) and start not in logged:
+        heldout(start)  # step 0, or the point of a run killed between its checkpoint and this evaluation
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.router, dynamic_ncols=True,
                disable=dist.RANK > 0)
     try:
