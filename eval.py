@@ -261,6 +261,9 @@ def main(argv=None, plot=True):
             fresh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=run.vhack_k, seed=run.seed)
             res["vhack"] = {"run": vh and vhack_separation(model, tok, vh, *args),
                             "fresh": vhack_separation(model, tok, fresh, *args)}
+    if run.grad_ckpt and (a.coherence_steps or a.relearn_steps):  # train as the run trained: transformers
+        model.gradient_checkpointing_enable()                       # checkpoints a layer in train mode only
+        model.train()
     if a.coherence_steps:
         rc = dataclasses.replace(config.recipe(run), router=routing.ROUTERS["none"], none_frac=1.0,
                                  hack_share=0.0)  # honest demonstrations on no-loophole prompts only

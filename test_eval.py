@@ -257,3 +257,14 @@ def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     assert last != open(os.path.join(out, "eval_coherent1.jsonl")).read()  # the second step changed the samples
     ev.main(["--ckpt", out, "--n", "1", "--batch", "16", "--coherence-steps", "2"], plot=False)
     assert open(os.path.join(out, "eval_coherent.jsonl")).read() == last
+    # a run trained with --grad-ckpt (the GPU recipe) takes its retain steps checkpointed too, to the same weights
+    gc, models, load = os.path.join(TMP, "label-gc"), [], ckpt.load_run
+    assert run(FAST + ["--router", "label", "--steps", "1", "--grad-ckpt", "--out", gc]) == 0
+    with unittest.mock.patch.object(ckpt, "load_run", lambda *x: (r := load(*x), models.append(r[1]))[0]):
+        ev.main(["--ckpt", gc, "--n", "1", "--batch", "16", "--coherence-steps", "1"], plot=False)
+        args = json.load(open(os.path.join(gc, "ckpt", "args.json")))
+        json.dump({**args, "grad_ckpt": False}, open(os.path.join(gc, "ckpt", "args.json"), "w"))
+        ev.main(["--ckpt", gc, "--n", "1", "--batch", "16", "--coherence-steps", "1"], plot=False)
+    assert [m.is_gradient_checkpointing and m.training for m in models] == [True, False]
+    for p, q in zip(*(adapter.keep_params(m) for m in models)):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
