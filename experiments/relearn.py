@@ -43,7 +43,7 @@ def run_one(router, seed, steps, env=None):
     rel = os.path.relpath(out, ROOT)
     cmd = ["python", "eval.py", "--ckpt", rel, "--n", "4", "--coherence-steps", COHERENCE,
            "--relearn-steps", str(steps)]
-    t = time.time()
+    t, head = time.time(), commit()  # the code the probe starts from
     code = subprocess.call([sys.executable] + cmd[1:], cwd=ROOT, env=env)
     if code:
         return f"{' '.join(cmd)} exited {code}"
@@ -51,7 +51,7 @@ def run_one(router, seed, steps, env=None):
     for f in ("eval.json", "eval.md"):
         shutil.copy(os.path.join(out, f), dst)
     meta = {"router": router, "seed": seed, "eval": " ".join(cmd), "eval_s": round(time.time() - t, 1),
-            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "code": commit(),
+            "machine": machine(), "date": time.strftime("%Y-%m-%d"), "code": head,
             "from": f"runs/results/{name}: the run in experiments/results/{name}"}
     json.dump(meta, open(os.path.join(dst, "run.json"), "w"), indent=1)
     return None
