@@ -107,12 +107,11 @@ def relearn(model, tok, det, problems, rc, steps, lr, seed, trained_hack):
     test with the demonstrations the run had: how fast does a removed hack come back?)."""
     opt = torch.optim.AdamW(adapter.keep_params(model), lr=lr, weight_decay=0.0)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    curve = []
-    for step in range(steps):
-        m, _ = train.rl_step(model, tok, opt, det, None, problems, step, rng, gen, rc)
-        curve.append(m["hack"])
+    log = [train.rl_step(model, tok, opt, det, None, problems, step, rng, gen, rc)[0] for step in range(steps)]
+    curve = [m["hack"] for m in log]
     back = next((i + 1 for i, h in enumerate(curve) if h is not None and h >= trained_hack), None)
-    return {"hack_per_step": curve, "steps_to_trained_level": back, "trained_hack": trained_hack}
+    return {"hack_per_step": curve, "steps_to_trained_level": back, "trained_hack": trained_hack,
+            "steps": log}  # each step's metrics.jsonl row (reward, solve, hack per mode, length, ...)
 
 
 def coherence(model, tok, det, problems, rc, steps, lr, seed, out, evaluate):

@@ -133,6 +133,7 @@ def test_relearn_is_plain_grpo_with_the_runs_teacher_hacks_only_when_asked():
             assert calls == [(routing.ROUTERS["none"], 10 if teach else 0, False)] * 3
             want = res["models"]["trained"]["hack"]["p"] or 0.0
             assert res["relearn"]["hack_per_step"] == [0.0, 0.5, 0.75] and res["relearn"]["trained_hack"] == want
+            assert res["relearn"]["steps"] == [{"hack": h} for h in (0.0, 0.5, 0.75)]
             assert res["relearn"]["steps_to_trained_level"] == next(i + 1 for i, h in enumerate([0.0, 0.5, 0.75])
                                                                     if h >= want)
     finally:
