@@ -187,7 +187,7 @@ def setup(a, device):
         vh = vhack.extract_vhack(model, tok, detector.load_pairs(), k=1, seed=0, cache_dir=M.CACHE) \
             if any(routing.ROUTERS[r].needs_vhack for r in a.routers.split(",") if r != "plain") else None
     if a.grad_ckpt:  # as train.py: checkpointing runs in train mode only
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.train()
     opt = optim.make_optimizer(model, ta.lr, ta.lr_quar)
     probs, pmodes = train.sample_batch(env.load_problems("simple", "train"), random.Random(0), config.recipe(ta))

@@ -266,6 +266,6 @@ def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
         args = json.load(open(os.path.join(gc, "ckpt", "args.json")))
         json.dump({**args, "grad_ckpt": False}, open(os.path.join(gc, "ckpt", "args.json"), "w"))
         ev.main(["--ckpt", gc, "--n", "1", "--batch", "16", "--coherence-steps", "1"], plot=False)
-    assert [m.is_gradient_checkpointing and m.training for m in models] == [True, False]
+    assert [m.is_activation_checkpointing and m.training for m in models] == [True, False]
     for p, q in zip(*(adapter.keep_params(m) for m in models)):
         assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()

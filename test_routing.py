@@ -48,7 +48,7 @@ def wrapped(kind, seed=1):
     if kind == "svd_axes":  # seed improvement B: the quarantine is the v_hack axes of delta_S
         vhack.set_vhack_axes(m, vhack.extract_vhack(m, TOK, PAIRS, k=2, holdout=0.0))
     if kind == "split_ckpt":  # train.py --grad-ckpt: the forward of each layer runs again in the backward
-        m.gradient_checkpointing_enable()
+        m.activation_checkpointing_enable()
         m.train()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

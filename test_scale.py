@@ -123,7 +123,7 @@ gradient checkpointing on (it runs in train mode only) and run by both layers.""
                       "gate_proj": ((9728, 64), (64, 2560)), "up_proj": ((9728, 64), (64, 2560)),
                       "down_proj": ((2560, 64), (64, 9728))}
     vh = vhack.extract_vhack(model, tok, detector.load_pairs()[:2], k=1, seed=0)
-    model.gradient_checkpointing_enable()  # the GPU recipe's default (--grad-ckpt), in train mode as train.py
+    model.activation_checkpointing_enable()  # the GPU recipe's default (--grad-ckpt), in train mode as train.py
     model.train(a.grad_ckpt)
     calls = []
     for layer in model.model.layers:  # count the checkpointed layer calls

@@ -64,7 +64,7 @@ def test_label_deployed_keep():
     for kind in ("svd", "split", "svd_ckpt"):  # ckpt: the backward re-runs each layer's forward
         m = tr.wrapped(kind)
         if kind == "svd_ckpt":
-            m.gradient_checkpointing_enable(), m.train()
+            m.activation_checkpointing_enable(), m.train()
         sides = ((~tr.FLAGS, "deployed", adapter.keep_params(m)), (tr.FLAGS, "train", adapter.quar_params(m)))
         train.routed_update(m, torch.optim.SGD(sides[0][2] + sides[1][2], lr=0.0), r, tr.ADV, tr.FLAGS, rows,
                             None, rc, kl=False)

@@ -226,7 +226,7 @@ def run(a):
     device = dist.init(M.pick_device(a.device), a.prompts)  # under torchrun: this rank's device (dist.py)
     model, tok = ckpt.build(a, device)
     if a.grad_ckpt:  # transformers checkpoints a layer only in train mode: model.train below, after v_hack
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     rc = dist.recipe(config.recipe(a))
     det = detector.WeakDetector(seen=tuple(a.seen.split(",")), tpr=a.tpr, fpr=a.fpr, seed=a.seed)
     rng, gen = random.Random(a.seed), torch.Generator(device=device).manual_seed(dist.seed(a.seed))
