@@ -229,8 +229,10 @@ ABLATIONS = {"zero": ablate_zero, "reinit": ablate_reinit}
 
 @torch.no_grad()
 def ablate(model, how="zero"):
-    """Remove exactly the quarantine (s_quar and the forget units); keep parameters untouched."""
+    """Remove exactly the quarantine (s_quar, forget units), nothing else. -> whether any weight changed."""
+    before = [p.clone() for p in quar_params(model)]
     ABLATIONS[how](model)
+    return not all(torch.equal(b, p) for b, p in zip(before, quar_params(model)))
 
 
 @contextmanager

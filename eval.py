@@ -246,11 +246,10 @@ def main(argv=None, plot=True):
 
     rows = None
     for name in SUBSETS:
-        same = None  # an empty quarantine (none, screen, penalty): zeroing it changes no weight, so the deployed
-        if name == "deployed":  # model's completions are the trained model's, drawn with the same seed
-            same = rows if a.ablate == "zero" and not any(p.any() for p in adapter.quar_params(model)) else None
-            res["deployed_is_trained"] = same is not None
-            adapter.ablate(model, a.ablate)
+        same = None  # a deletion that changes no weight (an empty quarantine: none, warmup, screen, penalty)
+        if name == "deployed":  # leaves the trained model, whose completions the same seed would draw again
+            res["deployed_is_trained"] = not adapter.ablate(model, a.ablate)
+            same = rows if res["deployed_is_trained"] else None
         rows = evaluate(name, same)
         if name == "trained" and a.vhack_auc:
             # the run's v_hack was fitted at the start; "fresh" is fitted here, on the same pairs

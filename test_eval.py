@@ -40,8 +40,8 @@ def test_warm_up_only_run_is_evaluated():
     def kept(name):
         return [json.loads(ln) for ln in open(os.path.join(out, f"eval_{name}.jsonl"))]
     assert res["deployed_is_trained"] and kept("deployed") == kept("trained")
-    real = adapter.quar_params
-    with unittest.mock.patch.object(adapter, "quar_params", lambda m: real(m) + [torch.ones(1)]):
+    real, extra = adapter.quar_params, torch.ones(1)
+    with unittest.mock.patch.object(adapter, "quar_params", lambda m: real(m) + [extra]):
         again = ev.main(["--ckpt", out, "--n", "1", "--batch", "16"], plot=False)
     assert not again["deployed_is_trained"] and kept("deployed") == kept("trained")
 

@@ -227,12 +227,12 @@ def test_ablate_removes_exactly_the_quarantine():
         m = wrapped(kind)
         before = {k: v.clone() for k, v in m.state_dict().items()}
         quar = {id(p) for p in adapter.quar_params(m)}
-        adapter.ablate(m, "zero")
+        assert adapter.ablate(m, "zero") and not adapter.ablate(m, "zero")  # it changed weights, then none
         for n, p in m.named_parameters():
             assert (p.abs().max() == 0) if id(p) in quar else torch.equal(p, before[n]), n
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items()
                    if "forget" not in k and "s_quar" not in k)
-        adapter.ablate(m, "reinit")  # SGTM trainable=True: forget units alive again, keep untouched
+        assert adapter.ablate(m, "reinit") == (kind == "split")  # SGTM trainable=True: forget units alive again
         for n, p in m.named_parameters():
             if n.endswith("weight_forget"):
                 assert p.std() > 0

@@ -254,16 +254,18 @@ def run(a):
     ckpt.truncate_log(log_path, start)
     open(log_path, "a").close()  # --steps 0 (the warm-up only) leaves it empty
     signal.signal(signal.SIGTERM, ckpt.raise_interrupt)
-
-    held_path = os.path.join(a.out, "heldout.jsonl")
+    held_path = os.path.join(a.out, "heldout.jsonl")  # --eval-every's log, on rank 0
 
     def heldout(step):  # --eval-every: the held-out curve, from step 0 (what RL adds), on rank 0
         if a.eval_every and dist.RANK == 0:
             import eval as ev  # eval.py imports this file; the other ranks wait at the next step
             ev.heldout(model, tok, held, a, step, held_path)
 
-    logged = {json.loads(ln)["step"] for ln in open(held_path)} if os.path.exists(held_path) else set()
-    if a.eval_every and (start % a.eval_every == 0 or start == a.steps) and start not in logged:
+    def due(step):  # a held-out point: step 0, every --eval-every steps, the last
+        return step % max(a.eval_every, 1) == 0 or step == a.steps
+
+    logged = {json.loads(ln)["step"] for ln in open(held_path) if ln.strip()} if os.path.exists(held_path) else set()
+    if due(start) and start not in logged:
         heldout(start)  # step 0, or the point of a run killed between its checkpoint and this evaluation
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.router, dynamic_ncols=True,
                disable=dist.RANK > 0)
@@ -278,7 +280,7 @@ def run(a):
             dist.save_ckpt(a, model, opt, vh, step + 1, rng, gen)
             bar.set_postfix_str(" ".join(f"{k} {'-' if m.get(k) is None else format(m[k], '.2f')}"
                                          for k in ("reward", "solve", "hack", "routed")))
-            if (step + 1) % max(a.eval_every, 1) == 0 or step + 1 == a.steps:
+            if due(step + 1):
                 heldout(step + 1)
             if a.stop_after is not None and step + 1 >= a.stop_after:
                 break
