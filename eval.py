@@ -260,7 +260,7 @@ def main(argv=None, plot=True):
             res["vhack"] = {"run": vh and vhack_separation(model, tok, vh, *args),
                             "fresh": vhack_separation(model, tok, fresh, *args)}
     if run.grad_ckpt and (a.coherence_steps or a.relearn_steps):  # train as the run trained: transformers
-        model.activation_checkpointing_enable()                       # checkpoints a layer in train mode only
+        model.activation_checkpointing_enable()                     # checkpoints a layer in train mode only
         model.train()
     if a.coherence_steps:
         rc = dataclasses.replace(config.recipe(run), router=routing.ROUTERS["none"], none_frac=1.0,

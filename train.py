@@ -257,12 +257,12 @@ def run(a):
     held_path = os.path.join(a.out, "heldout.jsonl")  # --eval-every's log, on rank 0
 
     def heldout(step):  # --eval-every: the held-out curve, from step 0 (what RL adds), on rank 0
-        if a.eval_every and dist.RANK == 0:
+        if dist.RANK == 0:
             import eval as ev  # eval.py imports this file; the other ranks wait at the next step
             ev.heldout(model, tok, held, a, step, held_path)
 
-    def due(step):  # a held-out point: step 0, every --eval-every steps, the last
-        return step % max(a.eval_every, 1) == 0 or step == a.steps
+    def due(step):  # a held-out point: step 0, every --eval-every steps, the last (none without --eval-every)
+        return a.eval_every > 0 and (step % a.eval_every == 0 or step == a.steps)
 
     logged = {json.loads(ln)["step"] for ln in open(held_path) if ln.strip()} if os.path.exists(held_path) else set()
     if due(start) and start not in logged:
