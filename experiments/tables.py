@@ -86,9 +86,12 @@ def table(rows, top=RESULTS):
         return "\n".join(lines + ["", "No run has finished yet."])
     names = ", ".join(sorted(f"{m['router']}-s{m['seed']}" for m in metas))
     ex = next((m for m in metas if "note" not in m), metas[0])  # a run made by `results.py run`, if any
+    r, s = ex["router"], ex["seed"]
+    gen = {k: ex[k].replace(f"--router {r} --seed {s}", "--router R --seed S").replace(f"{r}-s{s}", "R-sS")
+           for k in ("train", "eval")}  # the example run's commands, with R and S for its router and seed
     foot = [f"Runs: {names}. "
-            f"Each row: `python experiments/results.py run --router R --seed S` = `{ex['train']}` then "
-            f"`{ex['eval']}` (`{os.path.relpath(top, ROOT)}/R-sS/run.json`). Machines: "
+            f"Each row: `python experiments/results.py run --router R --seed S` = `{gen['train']}` then "
+            f"`{gen['eval']}` (`{os.path.relpath(top, ROOT)}/R-sS/run.json`). Machines: "
             f"{'; '.join(sorted({m['machine'] for m in metas}))}. Seen modes: {', '.join(rows[0][1]['seen'])}.",
             "Cells: a single run's rate with its 95% Wilson interval, or mean ± std over seeds."]
     return "\n".join(lines + [""] + foot)
