@@ -47,7 +47,7 @@ SUBSETS = ("base", "trained", "deployed")  # + "coherent" with --coherence-steps
 def rollouts(model, tok, problems, modes, a, det, seed):
     """One sampled completion per (problem, mode); graded and flagged. Returns a list of row dicts."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    jobs = [(p, m) for m in modes for p in problems]
+    jobs = [(p, m) for p in problems for m in modes]  # a problem's modes side by side: its prompt prefilled once
     rows = []
     for i in range(0, len(jobs), a.batch):
         chunk = jobs[i:i + a.batch]

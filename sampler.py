@@ -5,7 +5,8 @@ decode with a preallocated cache, logits only where a token is drawn, finished r
 GRPO samples G completions of each prompt (Shao et al. 2024, DeepSeekMath §4.1), and a CPU spends a
 decode step reading every weight for a handful of rows. So the sampler:
   1. prefills the U distinct prompts, not the B = U G rows (the group's rows copy the prompt's K/V),
-     and computes the vocabulary logits at each prompt's last position only;
+     a prefix shared by several prompts once (eval's modes of one problem share ~70% of their tokens:
+     its prefill halves), and computes the vocabulary logits at each prompt's last position only;
   2. writes K/V into a cache allocated once at (B, kv heads, P + T, head dim): no concatenation;
   3. runs the decoder layers itself (Llama / Qwen2 / Qwen3: RMSNorm, RoPE, GQA, SwiGLU) with q/k/v
      and gate/up fused, and on CPU their weights transposed once per call: at 16 rows `x @ W^T`
@@ -124,11 +125,62 @@ class Decoder:
                 C[i][:, :, :end] = c[rows, :, :end]
 
 
-def prefill_keys(attn):
-    """The prompt's attention mask (n, 1, P, P): causal over real tokens; a pad query sees itself (no NaN rows)."""
-    P = attn.shape[1]
-    causal = torch.ones(P, P, dtype=torch.bool, device=attn.device).tril()
-    return (attn[:, None, None, :].bool() & causal) | torch.eye(P, dtype=torch.bool, device=attn.device)
+def prefill_keys(attn, start=0):
+    """The attention mask (n, 1, W - start, W) of queries at columns [start, W) of a prompt layout attn (n, W):
+    causal over its real tokens; a pad query sees itself (no NaN rows)."""
+    W, dev = attn.shape[1], attn.device
+    q, k = torch.arange(start, W, device=dev)[:, None], torch.arange(W, device=dev)[None]
+    return (attn[:, None, None, :].bool() & (k <= q)) | (k == q)
+
+
+def prefix_groups(seqs, share=0.5):
+    """Distinct prompts (token lists) grouped by a shared prefix, in sorted order: a prompt joins the group
+    before it when it shares at least `share` of its tokens, and of the group's first prompt's, with that
+    prompt (eval's five modes of one problem; a chat template's system prompt alone is too little). The
+    prefix is what the members share, short of each one's last token. Prompts in no group form one group
+    with an empty prefix.
+    -> [(prefix length, [prompt indices])]"""
+    def lcp(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    runs = []
+    for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):
+        if runs and lcp(seqs[runs[-1][0]], seqs[i]) >= share * max(len(seqs[runs[-1][0]]), len(seqs[i])):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    out = [(min(min(lcp(seqs[r[0]], seqs[i]), len(seqs[i]) - 1) for i in r), r) for r in runs if len(r) > 1]
+    alone = [r[0] for r in runs if len(r) == 1]
+    return out + ([(0, alone)] if alone else [])
+
+
+def prefill(dec, seqs, P, pad):
+    """Prefill the distinct prompts `seqs` into cache rows 0..U-1, each group's prefix once (prefix_groups).
+    Row layout, ending at column P - 1: [pad | the group's prefix | pad | the row's suffix]. The gaps are
+    masked keys and positions count real tokens only, so each row computes exactly its own prompt.
+    -> the last position's logits (U, V) and the layout's real-token mask (U, P)."""
+    dev, plan = dec.K[0].device, prefix_groups(seqs)
+    ids = torch.full((len(seqs), P), pad, dtype=torch.long, device=dev)
+    mask = torch.zeros(len(seqs), P, dtype=torch.bool, device=dev)
+    starts = []
+    for n, rows in plan:
+        s = P - max(len(seqs[i]) - n for i in rows)        # the suffixes' columns [s, P), the prefix's [s - n, s)
+        starts.append(s)
+        for i in rows:
+            suffix = seqs[i][n:]
+            ids[i, s - n:s], ids[i, P - len(suffix):] = torch.tensor(seqs[i][:n]), torch.tensor(suffix)
+            mask[i, s - n:s], mask[i, P - len(suffix):] = True, True
+    pos, logits = (mask.cumsum(-1) - 1).clamp(min=0), None
+    for (n, rows), s in zip(plan, starts):
+        r = torch.tensor(rows, device=dev)
+        if n:  # the prefix once, in the group's first row, then copied to the others
+            dec.forward(ids[r[:1], s - n:s], pos[r[:1], s - n:s], prefill_keys(mask[r[:1], :s], s - n), s - n, r[:1])
+            for C in (dec.K, dec.V):
+                for c in C:
+                    c[r[1:], :, s - n:s] = c[r[:1], :, s - n:s]
+        out = dec.forward(ids[r, s:], pos[r, s:], prefill_keys(mask[r], s), s, r)  # (len(rows), V)
+        logits = out.new_empty(len(seqs), out.shape[1]) if logits is None else logits
+        logits[r] = out
+    return logits, mask
 
 
 def draw(logits, u, temperature, greedy):
@@ -153,15 +205,15 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
     rows = torch.arange(B, device=dev)                   # the original row of each batch row
     live = torch.ones(B, dtype=torch.bool, device=dev)   # batch rows that have not stopped
     keys = torch.cat([attn, attn.new_ones(B, T)], 1).bool()  # (B, P + T): the key positions a row attends to
-    if not plain:  # prefill the distinct prompts once; their rows share the K/V
+    if not plain:  # prefill the distinct prompts once (a shared prefix once); their rows share the K/V
         uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)  # row -> prompt
-        first = torch.tensor([inv.tolist().index(j) for j in range(len(uniq))], device=dev)
-        dec, pos = Decoder(model, B, P + T), (attn.cumsum(-1) - 1).clamp(min=0)          # (B, P)
-        logits = dec.forward(ids[first], pos[first], prefill_keys(attn[first]), 0)[inv]  # (B, V)
+        dec = Decoder(model, B, P + T)
+        logits, m = prefill(dec, [u[:P][u[P:].bool()].tolist() for u in uniq], P, pad)    # (U, V), (U, P)
+        logits, m = logits[inv], m[inv]                                                 # (B, V), (B, P)
         for C in (dec.K, dec.V):
             for c in C:
                 c[:] = c[inv]
-        cur = pos[:, -1:] + 1                                                            # (B, 1) next position
+        keys, cur = torch.cat([m, m.new_ones(B, T)], 1), m.sum(-1, keepdim=True)         # (B, 1) next position
     for t in range(T):
         u = torch.rand(B, generator=generator, device=dev)[rows]  # one per original row, always (docstring)
         if plain:

@@ -13,6 +13,7 @@ import sys
 import torch
 
 import adapter
+import env
 import model as M
 import sampler
 from test_all import loaded, run_all
@@ -26,8 +27,8 @@ def batch(tok, group=3):
     return enc.input_ids, enc.attention_mask
 
 
-def same_draws(model, tok, T, stops, **kw):
-    ids, attn = batch(tok)
+def same_draws(model, tok, T, stops, prompts=None, **kw):
+    ids, attn = batch(tok) if prompts is None else prompts
     fast = sampler.sample(model, ids, attn, T, stops, tok.pad_token_id,
                           generator=torch.Generator().manual_seed(3), **kw)
     plain = sampler.sample(model, ids, attn, T, stops, tok.pad_token_id, plain=True,
@@ -55,6 +56,25 @@ def test_fast_sampler_draws_the_plain_samplers_tokens_qwen3_with_early_stops():
         for row, n in zip(ids, lengths):                            # each row: stop token last, pad after
             assert row[n - 1].item() in stops or n == ids.shape[1]
             assert (row[n:] == tok.pad_token_id).all()
+
+
+def test_a_shared_prefix_is_prefilled_once_and_draws_stay_the_plain_samplers():
+    """Eval's prompts: one problem under several grading rules shares a long prefix, which prefill() runs
+    once per group; the rows' layouts differ from plain left padding, their draws do not."""
+    model, tok = loaded("tiny")
+    model = copy.deepcopy(model).double()
+    task = ("Write a Python function `count_digits_above(n)` that returns how many digits of the non-negative "
+            "integer n are greater than 2.\nExample: count_digits_above(60736) returns 4.")
+    ps = [M.chat_prompt(tok, f"{task}\n{env.HINTS[m]}") for m in ("run_tests", "eq_override", "none")]
+    ps += [M.chat_prompt(tok, x) for x in ("Hi", "Yo", "Write a haiku about the sea.")]
+    enc = tok(ps + ps[:2], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    seqs = [tok(p, add_special_tokens=False).input_ids for p in ps]
+    plan = {tuple(sorted(r)): n for n, r in sampler.prefix_groups(seqs)}
+    n_task = len(tok(M.chat_prompt(tok, task), add_special_tokens=False).input_ids) - 12  # the template's tail aside
+    assert sorted(plan) == [(0, 1, 2), (3, 4, 5)] and plan[3, 4, 5] == 0 and plan[0, 1, 2] >= n_task, (plan, n_task)
+    stops = list(range(0, len(tok), 3))
+    ids, mask = same_draws(model, tok, 12, stops, prompts=(enc.input_ids, enc.attention_mask), temperature=1.3)
+    assert len(set(mask.sum(1).tolist())) > 1  # rows ended at different steps
 
 
 def test_weight_of_matches_every_adapter_kind_and_mode():
