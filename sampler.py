@@ -158,29 +158,26 @@ def prefill(dec, seqs, P, pad):
     Row layout, ending at column P - 1: [pad | the group's prefix | pad | the row's suffix]. The gaps are
     masked keys and positions count real tokens only, so each row computes exactly its own prompt.
     -> the last position's logits (U, V) and the layout's real-token mask (U, P)."""
-    dev, plan = dec.K[0].device, prefix_groups(seqs)
-    ids = torch.full((len(seqs), P), pad, dtype=torch.long, device=dev)
+    dev = dec.K[0].device
     mask = torch.zeros(len(seqs), P, dtype=torch.bool, device=dev)
-    starts = []
-    for n, rows in plan:
+    order, logits = [], []
+    for n, rows in prefix_groups(seqs):
         s = P - max(len(seqs[i]) - n for i in rows)        # the suffixes' columns [s, P), the prefix's [s - n, s)
-        starts.append(s)
-        for i in rows:
+        ids = torch.full((len(rows), P), pad, dtype=torch.long, device=dev)
+        for j, i in enumerate(rows):
             suffix = seqs[i][n:]
-            ids[i, s - n:s], ids[i, P - len(suffix):] = torch.tensor(seqs[i][:n]), torch.tensor(suffix)
+            ids[j, s - n:s], ids[j, P - len(suffix):] = torch.tensor(seqs[i][:n]), torch.tensor(suffix)
             mask[i, s - n:s], mask[i, P - len(suffix):] = True, True
-    pos, logits = (mask.cumsum(-1) - 1).clamp(min=0), None
-    for (n, rows), s in zip(plan, starts):
-        r = torch.tensor(rows, device=dev)
+        r, m = torch.tensor(rows, device=dev), mask[rows]
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
         if n:  # the prefix once, in the group's first row, then copied to the others
-            dec.forward(ids[r[:1], s - n:s], pos[r[:1], s - n:s], prefill_keys(mask[r[:1], :s], s - n), s - n, r[:1])
+            dec.forward(ids[:1, s - n:s], pos[:1, s - n:s], prefill_keys(m[:1, :s], s - n), s - n, r[:1])
             for C in (dec.K, dec.V):
                 for c in C:
                     c[r[1:], :, s - n:s] = c[r[:1], :, s - n:s]
-        out = dec.forward(ids[r, s:], pos[r, s:], prefill_keys(mask[r], s), s, r)  # (len(rows), V)
-        logits = out.new_empty(len(seqs), out.shape[1]) if logits is None else logits
-        logits[r] = out
-    return logits, mask
+        logits.append(dec.forward(ids[:, s:], pos[:, s:], prefill_keys(m, s), s, r))  # (len(rows), V)
+        order += rows
+    return torch.cat(logits)[torch.tensor(order, device=dev).argsort()], mask
 
 
 def draw(logits, u, temperature, greedy):
@@ -204,7 +201,6 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
     mask = torch.zeros(B, T, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)                   # the original row of each batch row
     live = torch.ones(B, dtype=torch.bool, device=dev)   # batch rows that have not stopped
-    keys = torch.cat([attn, attn.new_ones(B, T)], 1).bool()  # (B, P + T): the key positions a row attends to
     if not plain:  # prefill the distinct prompts once (a shared prefix once); their rows share the K/V
         uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)  # row -> prompt
         dec = Decoder(model, B, P + T)
@@ -213,7 +209,8 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
         for C in (dec.K, dec.V):
             for c in C:
                 c[:] = c[inv]
-        keys, cur = torch.cat([m, m.new_ones(B, T)], 1), m.sum(-1, keepdim=True)         # (B, 1) next position
+        keys = torch.cat([m, m.new_ones(B, T)], 1)     # (B, P + T): the key positions a row attends to
+        cur = m.sum(-1, keepdim=True)                  # (B, 1): the next position (real tokens so far)
     for t in range(T):
         u = torch.rand(B, generator=generator, device=dev)[rows]  # one per original row, always (docstring)
         if plain:
@@ -228,8 +225,8 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
         if int((~live).sum()) >= max(1, len(rows) // 8):  # drop finished rows (a cache copy costs ~20 row-steps)
             if not plain:
                 dec.keep(live, P + t)
-                cur = cur[live]
-            rows, nxt, keys, live = rows[live], nxt[live], keys[live], live[live]
+                cur, keys = cur[live], keys[live]
+            rows, nxt, live = rows[live], nxt[live], live[live]
         if not plain:
             logits = dec.forward(nxt[:, None], cur, keys[:, None, None, :P + t + 1], P + t)
             cur = cur + 1
