@@ -9,8 +9,9 @@ decode step reading every weight for a handful of rows. So the sampler:
      its prefill halves), and computes the vocabulary logits at each prompt's last position only;
   2. writes K/V into a cache allocated once at (B, kv heads, P + T, head dim): no concatenation;
   3. runs the decoder layers itself (Llama / Qwen2 / Qwen3: RMSNorm, RoPE, GQA, SwiGLU) with q/k/v
-     and gate/up fused, and on CPU their weights transposed once per call: at 16 rows `x @ W^T`
-     with W^T contiguous is 1.5-3x faster than F.linear (down_proj 0.15 vs 0.46 ms, measured);
+     and gate/up fused, and on CPU prepacks their weights and the lm_head's once per call (oneDNN's
+     blocked layout): SmolLM2's matmuls for one token of 16 rows take ~36 ms so, ~97 ms as `x @ W^T`
+     (experiments/results/probes/prepack/);
   4. drops a row from the batch when it stops, so no step computes a finished completion.
 The weights are whatever each module computes in its current adapter mode (`weight_of`): the merged
 delta_S weight, the split layers' forget units, the base weight under adapters_off.
@@ -50,20 +51,40 @@ def weight_of(m):
     return m.weight
 
 
+def prepacked():
+    """Whether this torch has oneDNN's prepacked linear (the op torch.compile uses on x86 CPUs)."""
+    if not hasattr(prepacked, "ok"):
+        try:
+            W = torch.ones(2, 2)
+            prepacked.ok = bool(torch.ops.mkldnn._linear_pointwise(W, torch.ops.mkldnn._reorder_linear_weight(W), None,
+                                                                   "none", [], "").eq(2).all())
+        except (AttributeError, RuntimeError):
+            prepacked.ok = False
+    return prepacked.ok
+
+
 class Fused:
-    """Several linears on one input: x -> [x W_1^T + b_1, x W_2^T + b_2, ...]. On CPU one matmul with the
-    weights concatenated and transposed (a copy, per sampling call); on a GPU the weights as they are."""
+    """Several linears on one input: x -> [x W_1^T + b_1, x W_2^T + b_2, ...], one matmul with the weights
+    concatenated. On CPU in float32/bfloat16 they are prepacked by oneDNN once per sampling call; in float64,
+    transposed (W^T contiguous); on a GPU, used as they are."""
 
     def __init__(self, mods):
         self.Ws = [weight_of(m) for m in mods]
         self.bs = [getattr(getattr(m, "base", m), "bias", None) for m in mods]
-        self.Wt = torch.cat(self.Ws).T.contiguous() if self.Ws[0].device.type == "cpu" else None  # (d_in, sum d_out)
+        W, self.packed, self.Wt = torch.cat(self.Ws), None, None                      # W (sum d_out, d_in)
+        if W.device.type == "cpu" and W.dtype in (torch.float32, torch.bfloat16) and prepacked():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(W)
+        elif W.device.type == "cpu":
+            self.Wt = W.T.contiguous()                                                # (d_in, sum d_out)
 
     def __call__(self, x):
-        if self.Wt is None:
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        elif self.Wt is not None:
+            y = x @ self.Wt
+        else:
             return [F.linear(x, W, b) for W, b in zip(self.Ws, self.bs)]
-        ys = (x @ self.Wt).split([W.shape[0] for W in self.Ws], -1)
-        return [y if b is None else y + b for y, b in zip(ys, self.bs)]
+        return [y if b is None else y + b for y, b in zip(y.split([W.shape[0] for W in self.Ws], -1), self.bs)]
 
 
 def supported(model):
@@ -95,7 +116,7 @@ class Decoder:
         w = self.m.embed_tokens.weight
         self.K = [w.new_zeros(B, self.Hkv, S, self.D) for _ in self.layers]  # (B, Hkv, S, D) per layer
         self.V = [w.new_zeros(B, self.Hkv, S, self.D) for _ in self.layers]
-        self.lm_head = model.lm_head
+        self.lm_head = Fused([model.lm_head])
 
     def forward(self, ids, pos, keys, start, rows=None):
         """Run ids (n, L) at positions pos (n, L), writing K/V at [start, start + L) of cache rows `rows`
@@ -115,7 +136,7 @@ class Decoder:
             x = x + o(a.transpose(1, 2).reshape(n, L, self.H * self.D))[0]
             g, u = gate_up(ln2(x))
             x = x + down(F.silu(g) * u)[0]
-        return self.lm_head(self.m.norm(x[:, -1])).float()                      # (n, V)
+        return self.lm_head(self.m.norm(x[:, -1]))[0].float()                   # (n, V)
 
     def keep(self, rows, end):
         """Keep only cache rows `rows` (bool over the rows), copying positions [0, end) alone."""

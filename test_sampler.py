@@ -11,6 +11,7 @@ import copy
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import adapter
 import env
@@ -96,6 +97,22 @@ def test_weight_of_matches_every_adapter_kind_and_mode():
             err = (got.double() - want.double()).abs().max().item()
             assert err < 1e-4, (kind, mode, err)  # logits come back as float32: 1e-4 is float32 rounding
     assert sampler.supported(base)
+
+
+def test_prepacked_linears_compute_the_linears_in_float32():
+    """On an x86 CPU in float32 the sampler's matmuls run on oneDNN's prepacked weights (the tests above are
+    float64, which takes W^T): against float64 F.linear they agree to float32 rounding, with and without
+    a bias, for 2-D and 3-D inputs and 1 to 35 rows."""
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(48, 40), torch.nn.Linear(48, 24, bias=False)]
+    f = sampler.Fused(lins)
+    assert (f.packed is not None) == sampler.prepacked() and (f.Wt is None) == sampler.prepacked()
+    for shape in ((1, 48), (5, 48), (5, 7, 48)):
+        x = torch.randn(shape)
+        for y, lin in zip(f(x), lins):
+            want = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+            assert y.dtype == torch.float32 and y.shape == want.shape
+            assert (y.double() - want).abs().max() < 1e-5, (shape, (y.double() - want).abs().max())
 
 
 def test_generate_in_chunks_is_generate_at_once():
