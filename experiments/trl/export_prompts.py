@@ -1,5 +1,6 @@
 """
-Write the prompts of one project step (bench shape: 2 prompts x 8 rollouts) to a JSON file.
+Write the prompts of the first step of `train.py --config recipes/laptop.json` (2 prompts x 8 rollouts,
+seed 0) to a JSON file.
 
 Runs with the PROJECT's venv (it imports the project, not TRL):
 
@@ -29,8 +30,10 @@ def main():
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=8)
     a = ap.parse_args()
-    ta = config.get_args(["--prompts", str(a.prompts), "--group-size", str(a.group_size)])
-    probs, pmodes = train.sample_batch(env.load_problems("simple", "train"), random.Random(0), config.recipe(ta))
+    ta = config.get_args(["--config", os.path.join(ROOT, "recipes", "laptop.json"), "--prompts", str(a.prompts),
+                          "--group-size", str(a.group_size)])
+    problems = env.load_problems(ta.source, "train", difficulty=ta.difficulty)  # as train.py's first step
+    probs, pmodes = train.sample_batch(problems, random.Random(ta.seed), config.recipe(ta))
     _, tok = M.load_model("smollm2")
     rows = []
     for p, m in zip(probs[::a.group_size], pmodes[::a.group_size]):  # one (problem, mode) per group

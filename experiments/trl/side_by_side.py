@@ -6,10 +6,11 @@ throughput, and their ratios (the README's Performance section).
 
 1. TRL: experiments/trl/trl_step.py in its own venv (experiments/trl/README.md), beta 0, the project's
    two prompts x 8 rollouts, --tokens new tokens at most. Medians of the steps after the first.
-2. The project: python train.py --router grad with no warm-up and no teacher hacks (--warmup-steps 0
-   --teacher-frac 0), 2 prompts x 8, the same max new tokens and temperature (1.0), --steps steps;
-   per step t_gen + t_grade + t_train from its metrics.jsonl, medians of the steps after the first. Its
-   first step's prompts are trl_step.py's (train.sample_batch with random.Random(0)); later steps draw new ones.
+2. The project: python train.py --config recipes/laptop.json --router grad with no warm-up and no
+   teacher hacks (--warmup-steps 0 --teacher-frac 0), 2 prompts x 8, the same max new tokens and
+   temperature (1.0), --steps steps; per step t_gen + t_grade + t_train from its metrics.jsonl, medians of
+   the steps after the first. Its first step's prompts are trl_step.py's (export_prompts.py); later steps
+   draw new ones.
 Tokens are sampled completion tokens up to and including the stop token. Prints one JSON object.
 """
 import argparse
@@ -37,11 +38,13 @@ def trl(a):
 
 def project(a):
     d = tempfile.mkdtemp(prefix="side_by_side_")
-    cmd = [sys.executable, "train.py", "--router", "grad", "--warmup-steps", "0", "--teacher-frac", "0",
-           "--prompts", "2", "--group-size", "8", "--max-new-tokens", str(a.tokens), "--temperature", "1.0",
+    cmd = [sys.executable, "train.py", "--config", "recipes/laptop.json", "--router", "grad",
+           "--warmup-steps", "0", "--teacher-frac", "0", "--prompts", "2", "--group-size", "8",
+           "--max-new-tokens", str(a.tokens), "--temperature", "1.0",
            "--steps", str(a.steps), "--out", d]  # temperature 1.0: trl_step.py's
-    if subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode:
-        sys.exit(f"error: {' '.join(cmd)} failed")
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"error: {' '.join(cmd)} failed: {(out.stderr.strip().splitlines() or [''])[-1]}")
     ms = [json.loads(ln) for ln in open(os.path.join(d, "metrics.jsonl"))][1:]  # the first step warms up
     step = [m["t_gen"] + m["t_grade"] + m["t_train"] for m in ms]
     tok = [16 * m["len"] for m in ms]
