@@ -22,6 +22,9 @@ Deviations:
   5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode and
      keyed on the value of s: sampling costs what the base model costs. In bf16 the merge rounds the
      delta to W's precision, so the sampler's policy is not exactly the trained forward's.
+  7. Under routing.Capture in float32 the training forward is merged too: x Wm^T for the delta's three
+     matmuls, and dx = dy Wm for three in the backward; z = x Vh^T and dh = dy U feed the Slot. The
+     same function and gradients up to float32 rounding, a third fewer FLOPs (bf16 keeps the delta apart).
   6. Variant B (vhack.set_vhack_axes): the quarantine is the v_hack axes of delta_S itself,
      s = s_keep + A c with A (r, k) orthonormal (`quar_axes`) and c the trainable s_quar.
 
@@ -66,17 +69,19 @@ class SVDDelta(nn.Module):
         """The plain weight this module computes: W + U diag(s) Vh  (d_out, d_in)."""
         return self.base.weight + ((self.U * self.offset().to(self.U.dtype)) @ self.Vh).to(self.base.weight.dtype)
 
+    @torch.no_grad()
     def merged(self):
-        s, hit = self.offset().detach(), self._cache.get(self.mode)
+        s, hit = self.offset(), self._cache.get(self.mode)
         if hit is None or not torch.equal(hit[0], s):  # deviation 5
-            hit = self._cache[self.mode] = (s.clone(), self.weight.detach())
+            hit = self._cache[self.mode] = (s.clone(), self.weight)
         return hit[1]
 
     def forward(self, x):
         if self.mode == "base":
             return self.base(x)
-        if self.slot is None and not torch.is_grad_enabled():
-            return F.linear(x, self.merged(), self.base.bias)
+        if self.slot is None and not torch.is_grad_enabled() or self.slot is not None and self.slot.merges(self):
+            y = F.linear(x, self.merged(), self.base.bias)                 # deviations 5 and 7
+            return y if self.slot is None else self.slot.merged(x, y)
         y = self.base(x)                                                   # (b, L, d_out)
         z = x.to(self.Vh.dtype) @ self.Vh.T                                # (b, L, r)
         h = z * self.offset() if self.slot is None else self.slot.scale(z, self.offset())  # (b, L, r)

@@ -221,7 +221,9 @@ def measure(a, device):
     mem = {k: (max(m[0] for m in v), v[0][1] and max(m[1] for m in v)) for k, v in mems.items()}
     B, P, (busy, own) = r.completion_ids.shape[0], r.prompt_ids.shape[1], cpu_s()
     shape = {"B": B, "P": P, "T": a.tokens, "gen_tokens": statistics.median(n_gen), "dtype": str(model.dtype)[6:],
-             "flops": sum(flops.train_flops(model, B, P, a.tokens)), "params": model.num_parameters(),
+             "flops": sum(sum(flops.train_flops(model, len(s.texts), s.prompt_ids.shape[1], a.tokens))
+                          for s in (train.subset(r, rows) for rows in torch.arange(B).split(a.micro))),
+             "params": model.num_parameters(),
              "peak_flop_s": flops.matmul_peak(device, model.dtype),
              "others_cpu_frac": (busy - busy0 - own + own0) / (time.perf_counter() - wall0) / os.cpu_count()}
     return times, mem, shape

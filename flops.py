@@ -5,7 +5,8 @@ FLOPs of the train phase (train_peak_fraction's numerator): every matmul, per po
 B (P + T)), per module with frozen weight W and delta_S factors U, Vh (full rank: U + Vh = 1.5 W
 in SmolLM2): ref 2 W; forward 2 (W + U + Vh); backward 2 (W + U + Vh) per wrapped layer, dL/dx
 only (no frozen W needs a weight gradient; s's, sum z * dh, is O(r)) but down to the FIRST
-wrapped layer, where q/k/v read an input needing no gradient: 2 U there (dh = dy U). Plus
+wrapped layer, where q/k/v read an input needing no gradient: 2 U there (dh = dy U). In float32
+the delta runs merged (adapter.py deviation 7): forward 2 (W + Vh), backward 2 (W + U). Plus
 lm_head 3 * 2 V d B (T + 1) and attention 4 B n_h h_d (P + T)^2 a layer forward, 2x backward.
 Not the usual 6 N tok; test_train.py checks the linear part against torch.utils.flop_counter. Peak:
 the best (2048, 2048) @ (2048, 2048) torch.mm in the model's dtype, in the same process.
@@ -38,13 +39,15 @@ def train_flops(model, B, P, T):
     attn = 4 * B * c.num_attention_heads * hd * L * L                         # one layer's forward
     first = min(int(n.split(".")[2]) for n in adapter.adapter_modules(model, adapter.SVDDelta))
     lin, att = 3 * 2 * c.vocab_size * c.hidden_size * B * (T + 1), 0           # lm_head
+    merged = model.dtype in (torch.float32, torch.float64)                     # routing.Slot.merges
     for i, layer in enumerate(model.model.layers):
         for n, m in layer.named_modules():
             delta = isinstance(m, adapter.SVDDelta)
             if not delta and (not isinstance(m, torch.nn.Linear) or n.endswith("base")):
                 continue  # not a linear, or the frozen base inside a delta
             W, U, Vh = (m.base.weight.numel(), m.U.numel(), m.Vh.numel()) if delta else (m.weight.numel(), 0, 0)
-            bwd = 0 if i < first else U if i == first and n.endswith(("q_proj", "k_proj", "v_proj")) else W + U + Vh
-            lin += 2 * (W + (W + U + Vh) + bwd) * tok                          # ref, forward, backward
+            fwd, dx = (W + Vh, W + U) if merged else (W + U + Vh, W + U + Vh)
+            bwd = 0 if i < first else U if i == first and n.endswith(("q_proj", "k_proj", "v_proj")) else dx
+            lin += 2 * (W + fwd + bwd) * tok                                   # ref, forward, backward
         att += attn * (2 + 2 * (i >= first))
     return lin, att

@@ -164,9 +164,9 @@ class Slot:
         self.f_tok = None   # (b, L) act's token f of the current micro-batch
         self.tok = None     # (n, 2) act: routed / gradient-carrying positions
 
-    def scale(self, z, s):
-        """h = z * s of SVDDelta; the hook on h keeps g_b = sum_l z_bl * dh_bl  (b, r)."""
-        rows, zd = self.cap.cur_rows, z.detach()
+    def hook(self, zd):
+        """-> the hook on dh = dL/d(z * s) that keeps g_b = sum_l z_bl * dh_bl  (b, r). z = x Vh^T detached."""
+        rows = self.cap.cur_rows
         f = None if self.v_act is None else act_token_f(zd, self.v_act)
         self.f_tok = f
         if self.cap.act_mask is not None:  # extraction: mean of z over each completion's tokens
@@ -179,11 +179,28 @@ class Slot:
             if f is not None:  # how many gradient-carrying positions the act router routed
                 carry = dh.ne(0).any(-1).to(f)                             # (b, L)
                 self.tok = self.acc(self.tok, rows, torch.stack([(f * carry).sum(1), carry.sum(1)], 1))
+        return hook
 
-        h = z * s.detach().requires_grad_()  # same value; autograd never writes s_keep/s_quar .grad
+    def scale(self, z, s):
+        """h = z * s of SVDDelta, with the hook on h."""
+        hook, h = self.hook(z.detach()), z * s.detach().requires_grad_()  # autograd never writes s .grad
         if h.requires_grad:  # False in the no-grad pass of reentrant gradient checkpointing
             h.register_hook(hook)
         return h
+
+    def merges(self, mod):
+        """Does SVDDelta run merged under the capture (adapter.py deviation 7)? Float32 or wider."""
+        return mod.base.weight.dtype in (torch.float32, torch.float64)
+
+    def merged(self, x, y):
+        """y = x (W + U diag(s) Vh)^T of a merged SVDDelta: the hook on y turns dy into dh = dy U, the
+        gradient the hook on h receives in the unmerged forward, so g_b is the same."""
+        U, hook = self.mod.U, self.hook(x.detach().to(self.mod.Vh.dtype) @ self.mod.Vh.T)
+        if torch.is_grad_enabled():  # not in the no-grad pass of reentrant gradient checkpointing
+            if not y.requires_grad:  # nothing below trains: y is a leaf, where the backward stops
+                y.requires_grad_()
+            y.register_hook(lambda dy: hook(dy.to(U.dtype) @ U))
+        return y
 
     def linear(self, x, Wf):
         """x Wf^T of the forget units; the hook on y keeps G_b = sum_l dy_bl^T x_bl  (b, d_out, d_in)."""

@@ -104,6 +104,9 @@ class DetachSlot:
         keep_only, quar_only = m.s_keep + (q.detach() if torch.is_tensor(q) else q), m.s_keep.detach() + q
         return z * ((1 - self.f) * keep_only + self.f * quar_only)          # (b, L, r)
 
+    def merges(self, mod):
+        return False  # the reference differentiates the unmerged forward
+
     def linear(self, x, Wf):
         f = self.partner.f
         return f * (x @ Wf.T) + (1 - f) * (x @ Wf.detach().T)

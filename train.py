@@ -55,13 +55,17 @@ EPS = 0.2         # PPO clip of the off-policy rows (TRL's default)
 
 # ---------------------------------------------------------------- the routed update
 def subset(r, rows):
-    return M.Rollouts(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                      [r.texts[i] for i in rows.tolist()])
+    """The rows of r, padded only to their own longest prompt (left) and completion (right)."""
+    P, T = (max(int(m[rows].sum(1).max()), 1) for m in (r.prompt_mask, r.completion_mask))
+    return M.Rollouts(r.prompt_ids[rows, -P:], r.prompt_mask[rows, -P:], r.completion_ids[rows, :T],
+                      r.completion_mask[rows, :T], [r.texts[i] for i in rows.tolist()])
 
 
-def micro_batches(rc, active, flags):
+def micro_batches(rc, active, flags, lengths):
     """The active rows in micro-batches, and the adapter mode each trains under: all "train", except
-    label's unflagged rows, which train the deployed model (deviation 2)."""
+    label's unflagged rows, which train the deployed model (deviation 2). Rows are taken shortest
+    completion first, so a micro-batch pads little (subset); the sum over micro-batches is the same."""
+    active = active[lengths[active].argsort(stable=True)]
     if not rc.router.deployed_keep:
         mbs = [c for c in active.split(rc.micro) if len(c)]  # past one process a rank may have no rows
         return mbs, ["train"] * len(mbs)
@@ -76,7 +80,7 @@ def routed_update(model, opt, r, adv, flags, active, vh, rc, kl=True, sampled=No
     B, dev = len(r.texts), r.completion_ids.device
     adv = adv.to(dev)  # rewards and flags live on the CPU, rollouts on the model's device
     norm = rc.prompts * rc.group_size * rc.max_new_tokens  # Dr.GRPO's constant normaliser
-    mbs, modes = micro_batches(rc, active, flags)
+    mbs, modes = micro_batches(rc, active, flags, r.completion_mask.sum(1).cpu())
     sampler = "deployed" if rc.gen_deployed else "train"
     off = [(torch.zeros(len(rows), dtype=torch.bool) if sampled is None else sampled[rows] & (modes[j] != sampler))
            .to(dev) for j, rows in enumerate(mbs)]                          # (b,) bool per micro-batch
