@@ -22,9 +22,8 @@ Deviations:
   5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode and
      keyed on the value of s: sampling costs what the base model costs. In bf16 the merge rounds the
      delta to W's precision, so the sampler's policy is not exactly the trained forward's.
-  7. Under routing.Capture in float32 the training forward is merged too: x Wm^T for the delta's three
-     matmuls, and dx = dy Wm for three in the backward; z = x Vh^T and dh = dy U feed the Slot. The
-     same function and gradients up to float32 rounding, a third fewer FLOPs (bf16 keeps the delta apart).
+  7. Under routing.Capture in float32 the training forward is merged too: y = x Wm^T, dx = dy Wm, and
+     z = x Vh^T, dh = dy U for the Slot; a third fewer FLOPs, the same gradients up to rounding (not bf16).
   6. Variant B (vhack.set_vhack_axes): the quarantine is the v_hack axes of delta_S itself,
      s = s_keep + A c with A (r, k) orthonormal (`quar_axes`) and c the trainable s_quar.
 
@@ -79,7 +78,7 @@ class SVDDelta(nn.Module):
     def forward(self, x):
         if self.mode == "base":
             return self.base(x)
-        if self.slot is None and not torch.is_grad_enabled() or self.slot is not None and self.slot.merges(self):
+        if not torch.is_grad_enabled() if self.slot is None else self.base.weight.dtype in self.slot.MERGED:
             y = F.linear(x, self.merged(), self.base.bias)                 # deviations 5 and 7
             return y if self.slot is None else self.slot.merged(x, y)
         y = self.base(x)                                                   # (b, L, d_out)
@@ -176,10 +175,6 @@ def set_module(model, name, new):
     setattr(model.get_submodule(parent), leaf, new)
 
 
-def wrap_svd(leaf, delta, k_units):
-    return delta  # every target: a delta_S whose s_quar is the quarantine
-
-
 def wrap_split(leaf, delta, k_units):
     """Every target: a keep-only delta_S; each MLP also grows k forget units (the quarantine)."""
     delta.s_quar = None
@@ -187,7 +182,7 @@ def wrap_split(leaf, delta, k_units):
     return split(delta, k_units) if split else delta
 
 
-WRAPPERS = {"svd": wrap_svd, "split": wrap_split}
+WRAPPERS = {"svd": lambda leaf, delta, k_units: delta, "split": wrap_split}  # svd: s_quar is the quarantine
 
 
 def wrap(model, kind="svd", targets=TARGETS, layers=None, k_units=32, rank=None, cache_dir=None, model_id=None):

@@ -60,7 +60,7 @@ def split_advantages(rewards, flags, G):
 
 def token_logp(model, r, temperature=1.0, with_entropy=False):
     """log pi(o_t | q, o_<t) for every completion token. r: model.Rollouts. Returns (B, T) [, (B, T)]."""
-    P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    T = r.completion_ids.shape[1]
     ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)                   # (B, P+T)
     attn = torch.cat([r.prompt_mask, r.completion_mask], dim=1)               # (B, P+T)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                                   # left padding

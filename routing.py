@@ -52,9 +52,8 @@ import torch
 import adapter
 import grpo
 
-# flagged_only: grad routes only flagged rollouts (--flagged-only). share: the mean routed share of the
-# controls (--share); its default is grad's on SmolLM2 with the defaults, the mean of `routed` over every
-# step (32 warm-up, 8 RL) of experiments/results/controls/grad-s0 (warm-up 0.102, RL 0.079).
+# flagged_only: grad routes only flagged rollouts (--flagged-only). share: the controls' mean routed share (--share),
+# grad's mean `routed` over every step (32 warm-up 0.102, 8 RL 0.079) of experiments/results/controls/grad-s0.
 OPTS = {"flagged_only": False, "share": 0.097}
 ACT_TAU = 0.0  # act: a token is routed when cos(z, v_act) > tau
 
@@ -106,10 +105,7 @@ def erase_vhack(g, V):
 
 def rollout_cos(G, vh):
     """cos_b = mean_m cos(g_bm, v_m), v_m = sum of the k oriented axes of module m.  (n,)"""
-    cs = []
-    for n, g in G.items():
-        v = vh.v_grad[n].sum(0)                                            # (r,)
-        cs.append(g @ v.to(g) / (g.norm(dim=1) * v.norm() + 1e-12))        # (n,)
+    cs = [g @ (v := vh.v_grad[n].sum(0)).to(g) / (g.norm(dim=1) * v.norm() + 1e-12) for n, g in G.items()]  # (n,)
     return torch.stack(cs).mean(0)                                         # (M, n) -> (n,)
 
 
@@ -145,8 +141,7 @@ ROUTERS = {
 def split(g, f, gt=None):
     """The routing equation: keep = sum_b (1 - f_b) g_b, quar = sum_b f_b g_b.  g (n, ...), f (n,).
     gt: the token-routed part of each g_b (act), which goes to the quarantine whole."""
-    if gt is None:
-        gt = torch.zeros_like(g)
+    gt = torch.zeros_like(g) if gt is None else gt
     keep = torch.einsum("b,b...->...", 1 - f, g - gt)                     # summed over rollouts
     quar = torch.einsum("b,b...->...", f, g - gt) + gt.sum(0)
     return keep, quar
@@ -155,19 +150,17 @@ def split(g, f, gt=None):
 # ---------------------------------------------------------------- per-rollout gradients from one backward
 class Slot:
     """One adapter module's per-rollout gradient sums over the step, reduced by hooks in the backward."""
+    MERGED = (torch.float32, torch.float64)  # dtypes in which SVDDelta runs merged (adapter.py deviation 7)
 
     def __init__(self, cap, mod, v_act=None, partner=None):
         self.cap, self.mod, self.v_act, self.partner = cap, mod, v_act, partner
-        self.g = None       # (n, ...) per-rollout gradient
-        self.gt = None      # (n, ...) its token-routed part (act)
-        self.act = None     # (n, r) mean z over each completion (extraction)
-        self.f_tok = None   # (b, L) act's token f of the current micro-batch
-        self.tok = None     # (n, 2) act: routed / gradient-carrying positions
+        # (n, ...) per-rollout gradient, its token-routed part (act); (n, r) mean z over each completion
+        # (extraction); (b, L) act's token f of the current micro-batch; (n, 2) act's routed / carrying positions
+        self.g, self.gt, self.act, self.f_tok, self.tok = None, None, None, None, None
 
     def hook(self, zd):
         """-> the hook on dh = dL/d(z * s) that keeps g_b = sum_l z_bl * dh_bl  (b, r). z = x Vh^T detached."""
-        rows = self.cap.cur_rows
-        f = None if self.v_act is None else act_token_f(zd, self.v_act)
+        rows, f = self.cap.cur_rows, None if self.v_act is None else act_token_f(zd, self.v_act)
         self.f_tok = f
         if self.cap.act_mask is not None:  # extraction: mean of z over each completion's tokens
             m = self.cap.act_mask.to(zd)                                   # (b, L)
@@ -182,23 +175,17 @@ class Slot:
         return hook
 
     def scale(self, z, s):
-        """h = z * s of SVDDelta, with the hook on h."""
-        hook, h = self.hook(z.detach()), z * s.detach().requires_grad_()  # autograd never writes s .grad
-        if h.requires_grad:  # False in the no-grad pass of reentrant gradient checkpointing
-            h.register_hook(hook)
+        """h = z * s of SVDDelta (unmerged), with the hook on h. Autograd never writes s .grad."""
+        hook, h = self.hook(z.detach()), z * s.detach().requires_grad_()
+        h.requires_grad and h.register_hook(hook)  # False in reentrant gradient checkpointing's no-grad pass
         return h
-
-    def merges(self, mod):
-        """Does SVDDelta run merged under the capture (adapter.py deviation 7)? Float32 or wider."""
-        return mod.base.weight.dtype in (torch.float32, torch.float64)
 
     def merged(self, x, y):
         """y = x (W + U diag(s) Vh)^T of a merged SVDDelta: the hook on y turns dy into dh = dy U, the
         gradient the hook on h receives in the unmerged forward, so g_b is the same."""
         U, hook = self.mod.U, self.hook(x.detach().to(self.mod.Vh.dtype) @ self.mod.Vh.T)
         if torch.is_grad_enabled():  # not in the no-grad pass of reentrant gradient checkpointing
-            if not y.requires_grad:  # nothing below trains: y is a leaf, where the backward stops
-                y.requires_grad_()
+            y.requires_grad or y.requires_grad_()  # nothing below trains: y is a leaf, where the backward stops
             y.register_hook(lambda dy: hook(dy.to(U.dtype) @ U))
         return y
 
@@ -237,8 +224,7 @@ class Capture:
             raise ValueError("routing: the model has no adapters; call adapter.wrap first")
         self.n, self.router, self.vh, self.opts = n_rollouts, router, vhack, {**OPTS, **(opts or {})}
         self.flags = torch.zeros(n_rollouts, dtype=torch.bool) if flags is None else torch.as_tensor(flags).bool()
-        self.cur_rows, self.act_mask = None, None
-        self.seen = torch.zeros(n_rollouts, dtype=torch.bool)
+        self.cur_rows, self.act_mask, self.seen = None, None, torch.zeros(n_rollouts, dtype=torch.bool)
         svd = {n: m for n, m in self.mods.items() if isinstance(m, adapter.SVDDelta)}
         self.slots = {n: Slot(self, m, vhack.v_act[n] if router.token else None) for n, m in svd.items()}
         self.slots |= {n: Slot(self, m, partner=self.slots[n + ".retain"])
@@ -302,13 +288,11 @@ def write_grads(mod, keep, quar):
 
 
 if __name__ == "__main__":
-    # Self-check: the split equation on random per-rollout gradients, keep + quarantine =
-    # the unrouted sum, and each router's record.
+    # Self-check: the split equation on random per-rollout gradients (keep + quarantine = the unrouted sum).
     torch.manual_seed(0)
     g, f = torch.randn(8, 5), torch.rand(8)
     keep, quar = split(g, f)
-    err = max((keep + quar - g.sum(0)).abs().max().item(),
-              (quar - (f[:, None] * g).sum(0)).abs().max().item())
+    err = max((keep + quar - g.sum(0)).abs().max().item(), (quar - (f[:, None] * g).sum(0)).abs().max().item())
     print(f"max |keep + quar - sum_b g_b|, |quar - sum_b f_b g_b| = {err:.1e}")
     for name, r in ROUTERS.items():
         print(f"{name:8s} quarantine {r.quarantine!s:5s} v_hack {r.needs_vhack!s:5s} token {r.token!s:5s} "

@@ -93,6 +93,7 @@ def one_backward(model, router, vh, flags=FLAGS, opts=None):
 
 class DetachSlot:
     """Reference for `act`: per token, the parameters enter as m*p + (1-m)*p.detach() (Cloud)."""
+    MERGED = ()  # SVDDelta runs unmerged: autograd differentiates the parameters
 
     def __init__(self, mod, vh, partner=None):
         self.mod, self.vh, self.partner, self.f = mod, vh, partner, None
@@ -104,12 +105,8 @@ class DetachSlot:
         keep_only, quar_only = m.s_keep + (q.detach() if torch.is_tensor(q) else q), m.s_keep.detach() + q
         return z * ((1 - self.f) * keep_only + self.f * quar_only)          # (b, L, r)
 
-    def merges(self, mod):
-        return False  # the reference differentiates the unmerged forward
-
     def linear(self, x, Wf):
-        f = self.partner.f
-        return f * (x @ Wf.T) + (1 - f) * (x @ Wf.detach().T)
+        return (f := self.partner.f) * (x @ Wf.T) + (1 - f) * (x @ Wf.detach().T)
 
 
 def naive(model, router, vh, flags=FLAGS):

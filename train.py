@@ -54,17 +54,15 @@ EPS = 0.2         # PPO clip of the off-policy rows (TRL's default)
 
 
 # ---------------------------------------------------------------- the routed update
-def subset(r, rows):
-    """The rows of r, padded only to their own longest prompt (left) and completion (right)."""
+def subset(r, rows):  # the rows of r, padded only to their own longest prompt (left) and completion (right)
     P, T = (max(int(m[rows].sum(1).max()), 1) for m in (r.prompt_mask, r.completion_mask))
     return M.Rollouts(r.prompt_ids[rows, -P:], r.prompt_mask[rows, -P:], r.completion_ids[rows, :T],
                       r.completion_mask[rows, :T], [r.texts[i] for i in rows.tolist()])
 
 
 def micro_batches(rc, active, flags, lengths):
-    """The active rows in micro-batches, and the adapter mode each trains under: all "train", except
-    label's unflagged rows, which train the deployed model (deviation 2). Rows are taken shortest
-    completion first, so a micro-batch pads little (subset); the sum over micro-batches is the same."""
+    """The active rows, shortest completion first (a micro-batch pads little), in micro-batches, and the mode each
+    trains under: all "train", except label's unflagged rows, which train the deployed model (deviation 2)."""
     active = active[lengths[active].argsort(stable=True)]
     if not rc.router.deployed_keep:
         mbs = [c for c in active.split(rc.micro) if len(c)]  # past one process a rank may have no rows
@@ -150,9 +148,7 @@ def sample_batch(problems, rng, rc):
 
 def advantages(rewards, flags, rc):
     """Dr.GRPO group advantages; screen/penalty change the rewards first, label splits its groups."""
-    valid = None
-    if rc.router.rewards is not None:
-        rewards, valid = rc.router.rewards(rewards, flags)
+    rewards, valid = rc.router.rewards(rewards, flags) if rc.router.rewards else (rewards, None)
     if rc.router.deployed_keep:
         return grpo.split_advantages(rewards, flags, rc.group_size)
     return grpo.group_advantages(rewards, rc.group_size, valid)
