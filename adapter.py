@@ -22,10 +22,10 @@ Deviations:
   5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode and
      keyed on the value of s: sampling costs what the base model costs. In bf16 the merge rounds the
      delta to W's precision, so the sampler's policy is not exactly the trained forward's.
-  7. Under routing.Capture in float32 the training forward is merged too: y = x Wm^T, dx = dy Wm, and
-     z = x Vh^T, dh = dy U for the Slot; a third fewer FLOPs, the same gradients up to rounding (not bf16).
   6. Variant B (vhack.set_vhack_axes): the quarantine is the v_hack axes of delta_S itself,
      s = s_keep + A c with A (r, k) orthonormal (`quar_axes`) and c the trainable s_quar.
+  7. Under routing.Capture in float32 the training forward is merged too: y = x Wm^T, dx = dy Wm, and
+     z = x Vh^T, dh = dy U for the Slot; a third fewer FLOPs, the same gradients up to rounding (not bf16).
 
 Shapes: b rollouts (micro-batch), L positions, d_in/d_out, r delta_S rank, k forget units or v_hack axes.
 """
