@@ -13,7 +13,8 @@ import numpy as np
 # the repo root: report, test_train, experiments
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402
-from experiments import results, tables  # noqa: E402
+from experiments import relearn, results, tables  # noqa: E402
+from experiments.compare import boot_diff, diffs, per_problem, verdict  # noqa: E402
 from test_train import FAST, run  # noqa: E402
 
 TMP = tempfile.mkdtemp(prefix="gr_test_results_")
@@ -218,7 +219,6 @@ def test_compare_pairs_by_problem():
     """compare.boot_diff: a constant shift per problem gives a tight interval around it, however much the
     problems vary (paired; seeds alike here, so seed resampling adds nothing); equal sides give 0 inside
     the interval; the per-problem values skip timeouts."""
-    from experiments.compare import boot_diff, per_problem
     rng = np.random.default_rng(1)
     base = [{f"p{i}": v for i, v in enumerate(rng.uniform(0, 0.8, 60))}] * 3
     shifted = [{k: v + 0.1 for k, v in d.items()} for d in base]
@@ -232,13 +232,12 @@ def test_compare_pairs_by_problem():
     assert per_problem(rows, ("run_tests", "file_marker"), "hack_seen") == {"a": 1.0}
     assert per_problem(rows, ("run_tests", "file_marker"), "compile") == {"a": 0.5}
     assert per_problem(rows, ("run_tests", "file_marker"), "hack") == {"a": 0.5}  # every loophole mode
-    from experiments.compare import diffs  # a pair whose baseline has no run yet: a row of '-'
     top = os.path.join(TMP, "diffs", "grad-s0")
     os.makedirs(top)
     json.dump({"seen": ["run_tests"]}, open(os.path.join(top, "eval.json"), "w"))
     open(os.path.join(top, "eval_coherent.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in rows)
     text = diffs(os.path.dirname(top), [("coherent", "grad", "none"), ("coherent", "grad", "grad")])
-    assert "| grad - none | coherent | 1 vs 0 | - | - | - | - | - |" in text
+    assert "| grad - none | coherent | 1 vs 0 | - | - | - | - | - |" in text  # no baseline run yet: a row of '-'
     assert "| grad - grad | coherent | 1 vs 1 | +0.000 [+0.000, +0.000] ns |" in text
 
 
@@ -246,7 +245,6 @@ def test_verdict_applies_the_preregistered_rule():
     """compare.verdict on made-up runs: grad hacks in no mode and compiles as none does -> out of both, solves
     as much; label hacks the unseen mode as none does and compiles half as often -> seen only, not as much;
     a router without a placebo run yet gets no verdict."""
-    from experiments.compare import verdict
     top = os.path.join(TMP, "verdict")
 
     def make(name, hack_seen, hack_unseen, compiled):  # per problem i -> bool
@@ -274,7 +272,6 @@ def test_verdict_applies_the_preregistered_rule():
 def test_relearn_table_counts_steps_to_none_level():
     """relearn.table: none's level is the mean hack of its last 4 RL steps (None skipped); the first relearn
     step at or above it, "> N" when none reaches it; a missing checkpoint is one error line, not a crash."""
-    from experiments import relearn
     res, top = os.path.join(TMP, "relearn-res"), os.path.join(TMP, "relearn-top")
     os.makedirs(os.path.join(res, "none-s2"))
     hacks = [0.0, 0.9, 0.4, None, 0.5, 0.6, 0.7]  # last 4 non-None: 0.4, 0.5, 0.6, 0.7 -> 0.55
