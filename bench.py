@@ -165,6 +165,13 @@ def train_phases(a, model, opt, r, adv, flags, vh, ref, router, device):
     return t
 
 
+def phase_flops(a, model, r):
+    """flops.train_flops of train_phases' micro-batches, each padded to its own prompt -> (linear, attention)."""
+    subs = [train.subset(r, rows) for rows in torch.arange(len(r.texts)).split(a.micro)]
+    per = [flops.train_flops(model, len(s.texts), s.prompt_ids.shape[1], a.tokens) for s in subs]
+    return tuple(map(sum, zip(*per)))
+
+
 # ---------------------------------------------------------------- the benchmark
 def startup(a, device):
     """Second-run start-up (caches warm), a fresh process: load + SVD wrap, v_hack, the rest (imports...)."""
@@ -221,9 +228,7 @@ def measure(a, device):
     mem = {k: (max(m[0] for m in v), v[0][1] and max(m[1] for m in v)) for k, v in mems.items()}
     B, P, (busy, own) = r.completion_ids.shape[0], r.prompt_ids.shape[1], cpu_s()
     shape = {"B": B, "P": P, "T": a.tokens, "gen_tokens": statistics.median(n_gen), "dtype": str(model.dtype)[6:],
-             "flops": sum(sum(flops.train_flops(model, len(s.texts), s.prompt_ids.shape[1], a.tokens))
-                          for s in (train.subset(r, rows) for rows in torch.arange(B).split(a.micro))),
-             "params": model.num_parameters(),
+             "flops": sum(phase_flops(a, model, r)), "params": model.num_parameters(),
              "peak_flop_s": flops.matmul_peak(device, model.dtype),
              "others_cpu_frac": (busy - busy0 - own + own0) / (time.perf_counter() - wall0) / os.cpu_count()}
     return times, mem, shape

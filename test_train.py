@@ -22,7 +22,6 @@ import bench
 import ckpt
 import config
 import env
-import flops
 import model as M
 import routing
 import teacher
@@ -271,8 +270,9 @@ def test_teach_modes_limit_the_demonstrations():
 
 
 def test_bench_flop_count_is_what_torch_counts():
-    """flops.train_flops (its docstring's count) = the matmul FLOPs torch counts in one train phase, with only
-    the last of the tiny Qwen3's 2 layers wrapped: the backward stops at that layer's q/k/v inputs."""
+    """flops.train_flops (its docstring's count) over the micro-batches (bench.phase_flops) = the matmul FLOPs
+    torch counts in one train phase, with only the last of the tiny Qwen3's 2 layers wrapped: the backward
+    stops at that layer's q/k/v inputs."""
     a = bench.get_args(["--model", "tiny", "--prompts", "2", "--group-size", "4", "--tokens", "16", "--micro", "4"])
     ta = config.get_args(["--config", config.LAPTOP, "--model", "tiny", "--wrap-layers", "1", "--prompts", "2",
                           "--group-size", "4"])
@@ -283,8 +283,7 @@ def test_bench_flop_count_is_what_torch_counts():
     with FlopCounterMode(display=False) as fc:
         ref, _ = bench.ref_phase(a, model, r, "cpu")
         bench.train_phases(a, model, opt, r, adv, flags, None, ref, "none", "cpu")
-    subs = [train.subset(r, rows) for rows in torch.arange(len(probs)).split(a.micro)]  # each its own prompt length
-    lin, att = map(sum, zip(*(flops.train_flops(model, len(s.texts), s.prompt_ids.shape[1], a.tokens) for s in subs)))
+    lin, att = bench.phase_flops(a, model, r)
     n = fc.get_total_flops()  # attention is counted only where SDPA falls back to bmm (not CPU's flash kernel)
     assert lin * (1 - 1e-4) <= n <= (lin + att) * (1 + 1e-4), (n, lin, att)
 
