@@ -3,8 +3,9 @@ Tests of the sandbox (sandbox.py) and of the judges' immunity to what runs in it
 data/harness.py). Plain `def test_*()` functions with asserts: run under pytest, or
 `python test_sandbox.py`.
 
-Invariants: importing runs no process and the layers are probed on first use; hostile programs
-cannot hang, escape, reach the network or outlive their run, and never fool the oracle.
+Invariants: importing runs no process and the layers are probed on first use; a run holds no
+privilege; hostile programs cannot hang, escape, reach the network or outlive their run, and never
+fool the oracle.
 """
 import os
 import socket
@@ -95,6 +96,21 @@ HOSTILE = {
     "close all fds": "import os\nfor fd in range(64):\n    try:\n        os.close(fd)\n    except OSError:\n"
                      "        pass\ndef add_const(x):\n    return 0",
 }
+
+
+def test_a_run_drops_every_privilege():
+    """As root a run is a throw-away uid: real, effective and saved uid and gid, no supplementary group, no
+    capability, in the same exec chain as a graded program (setpriv when present, else Popen's own)."""
+    if not sandbox.ROOT:
+        return
+    uid = sandbox.UID_BASE + 63
+    drop, kw = sandbox._as_uid(uid)
+    code = "import os; print(os.getresuid(), os.getresgid(), os.getgroups(), open('/proc/self/status').read())"
+    out = subprocess.run(drop + [sandbox.PYTHON, "-I", "-c", code], capture_output=True, text=True, timeout=60,
+                         **kw).stdout
+    st = dict(line.split(":", 1) for line in out.splitlines()[1:] if ":" in line)
+    assert out.startswith(f"({uid}, {uid}, {uid}) ({uid}, {uid}, {uid}) []"), out[:80]
+    assert all(int(st[c], 16) == 0 for c in ("CapPrm", "CapEff", "CapInh", "CapAmb")), out
 
 
 def test_hostile_programs():
