@@ -138,13 +138,17 @@ def leftover():
     return _uid_pids(range(UID_BASE, UID_BASE + 64)) if ROOT else []
 
 
-def _kill_uid(uid):
+def _kill_uid(uid, quiet=1):
+    """SIGKILL the processes of `uid` until `quiet` scans in a row, 10 ms apart, find none. A child being
+    forked as its parent is killed appears only after that: one empty scan let a setsid daemon through."""
+    empty = 0
     for _ in range(50):                                 # a fork bomb may fork while we kill
         pids = _uid_pids({uid})
         for pid in pids:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if not pids:
+        empty = 0 if pids else empty + 1
+        if empty == quiet:
             return
         time.sleep(0.01)
 
@@ -217,8 +221,8 @@ class Session:
     def close(self):
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)    # the harness and its process group
-        if self.uid is not None:
-            _kill_uid(self.uid)                          # setsid'd grandchildren, fallback path
+        if self.uid is not None:                         # setsid'd grandchildren; with bwrap its pid
+            _kill_uid(self.uid, 1 if bwrap() else 3)     # namespace takes them down, without it they may race
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
             with suppress(OSError):                      # BrokenPipe flushing a dead stdin
