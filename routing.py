@@ -177,7 +177,8 @@ class Slot:
     def scale(self, z, s):
         """h = z * s of SVDDelta (unmerged), with the hook on h. Autograd never writes s .grad."""
         hook, h = self.hook(z.detach()), z * s.detach().requires_grad_()
-        h.requires_grad and h.register_hook(hook)  # False in reentrant gradient checkpointing's no-grad pass
+        if h.requires_grad:  # False in reentrant gradient checkpointing's no-grad pass
+            h.register_hook(hook)
         return h
 
     def merged(self, x, y):
@@ -185,7 +186,8 @@ class Slot:
         gradient the hook on h receives in the unmerged forward, so g_b is the same."""
         U, hook = self.mod.U, self.hook(x.detach().to(self.mod.Vh.dtype) @ self.mod.Vh.T)
         if torch.is_grad_enabled():  # not in the no-grad pass of reentrant gradient checkpointing
-            y.requires_grad or y.requires_grad_()  # nothing below trains: y is a leaf, where the backward stops
+            if not y.requires_grad:  # nothing below trains: y is a leaf, where the backward stops
+                y.requires_grad_()
             y.register_hook(lambda dy: hook(dy.to(U.dtype) @ U))
         return y
 
@@ -264,10 +266,7 @@ class Capture:
             norms.append(write_grads(s.mod, keep, quar))
         keep2, quar2 = map(sum, zip(*norms))
         tok = sum(s.tok.sum(0) for s in self.slots.values() if s.tok is not None)  # (2,) routed, carrying
-        if self.router.token and torch.is_tensor(tok):
-            routed = tok[0] / tok[1]
-        else:
-            routed = self.f[self.seen].mean()
+        routed = tok[0] / tok[1] if self.router.token and torch.is_tensor(tok) else self.f[self.seen].mean()
         cos_mean = self.cos[self.seen].mean().item()
         return {"routed": routed.item(), "qmass": quar2 / max(keep2 + quar2, 1e-30),
                 "cos_mean": None if math.isnan(cos_mean) else cos_mean}
