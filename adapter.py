@@ -13,8 +13,7 @@ Deviations:
      scratch): k gate/up rows ~ N(0, std of retain rows), k down_proj input columns at 0 (so the
      function is unchanged); `SplitLinearIn` is SGTM's class transposed. Retain weights stay
      frozen; kind="split" keeps with a delta_S (no s_quar), so both kinds train the same keep.
-  2. The forward never depends on routing. While routing.Capture attaches a Slot (`.slot`), the
-     delta and the forget units run through its per-rollout gradient capture (routing.py).
+  2. The forward never depends on routing: routing.Capture's Slot (`.slot`, slot.py) only hooks it.
   3. ablate("reinit") leaves s_quar at zero: a singular-value offset is never a dead unit.
   4. U, Vh in the model's dtype (bf16 on a GPU), S and the offsets float32; `rank` keeps the top-r
      singular directions. W is kept and U diag(s) Vh added, so s = 0 is the base model EXACTLY at any
@@ -78,8 +77,9 @@ class SVDDelta(nn.Module):
     def forward(self, x):
         if self.mode == "base":
             return self.base(x)
-        if not torch.is_grad_enabled() if self.slot is None else self.base.weight.dtype in self.slot.MERGED:
-            y = F.linear(x, self.merged(), self.base.bias)                 # deviations 5 and 7
+        merged = not torch.is_grad_enabled() if self.slot is None else self.base.weight.dtype in self.slot.MERGED
+        if merged:                                                         # deviations 5 and 7
+            y = F.linear(x, self.merged(), self.base.bias)
             return y if self.slot is None else self.slot.merged(x, y)
         y = self.base(x)                                                   # (b, L, d_out)
         z = x.to(self.Vh.dtype) @ self.Vh.T                                # (b, L, r)

@@ -11,7 +11,7 @@ The split equation (`split`), per adapter module, with f_b in [0, 1] the routed 
     keep.grad = sum_b (1 - f_b) g_b        quarantine.grad = sum_b f_b g_b
 so keep + quarantine is exactly the unrouted gradient, and deleting the quarantine at deploy
 removes what the routed rollouts taught. g_b, the rollout's own gradient, comes from ONE backward:
-hooks reduce the per-token contributions to per-rollout sums (Slot), never a loop of backwards.
+hooks reduce the per-token contributions to per-rollout sums (slot.py), never a loop of backwards.
 
 Module m, rollout b, position l; z = x Vh^T (delta_S coordinates), dh = dL/d(z * s):
     g_b = sum_l z_bl * dh_bl                        per-rollout gradient of s   (b, r)
@@ -45,12 +45,14 @@ Shapes: n rollouts in the step, b in a micro-batch, L positions, r delta_S rank,
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 
 import adapter
 import grpo
+from slot import Slot
 
 # flagged_only: grad routes only flagged rollouts (--flagged-only). share: the controls' mean routed share (--share),
 # grad's mean `routed` over every step (32 warm-up 0.102, 8 RL 0.079) of experiments/results/controls/grad-s0.
@@ -105,7 +107,10 @@ def erase_vhack(g, V):
 
 def rollout_cos(G, vh):
     """cos_b = mean_m cos(g_bm, v_m), v_m = sum of the k oriented axes of module m.  (n,)"""
-    cs = [g @ (v := vh.v_grad[n].sum(0)).to(g) / (g.norm(dim=1) * v.norm() + 1e-12) for n, g in G.items()]  # (n,)
+    cs = []
+    for n, g in G.items():
+        v = vh.v_grad[n].sum(0).to(g)                                      # (r,)
+        cs.append(g @ v / (g.norm(dim=1) * v.norm() + 1e-12))              # (n,)
     return torch.stack(cs).mean(0)                                         # (M, n) -> (n,)
 
 
@@ -147,74 +152,6 @@ def split(g, f, gt=None):
     return keep, quar
 
 
-# ---------------------------------------------------------------- per-rollout gradients from one backward
-class Slot:
-    """One adapter module's per-rollout gradient sums over the step, reduced by hooks in the backward."""
-    MERGED = (torch.float32, torch.float64)  # dtypes in which SVDDelta runs merged (adapter.py deviation 7)
-
-    def __init__(self, cap, mod, v_act=None, partner=None):
-        self.cap, self.mod, self.v_act, self.partner = cap, mod, v_act, partner
-        # (n, ...) per-rollout gradient, its token-routed part (act); (n, r) mean z over each completion
-        # (extraction); (b, L) act's token f of the current micro-batch; (n, 2) act's routed / carrying positions
-        self.g, self.gt, self.act, self.f_tok, self.tok = None, None, None, None, None
-
-    def hook(self, zd):
-        """-> the hook on dh = dL/d(z * s) that keeps g_b = sum_l z_bl * dh_bl  (b, r). z = x Vh^T detached."""
-        rows, f = self.cap.cur_rows, None if self.v_act is None else act_token_f(zd, self.v_act)
-        self.f_tok = f
-        if self.cap.act_mask is not None:  # extraction: mean of z over each completion's tokens
-            m = self.cap.act_mask.to(zd)                                   # (b, L)
-            self.act = self.acc(self.act, rows, torch.einsum("bl,blr->br", m, zd) / m.sum(1, keepdim=True))
-
-        def hook(dh):
-            c = zd * dh                                                    # (b, L, r) shares of ds
-            self.add(rows, c.sum(1), None if f is None else torch.einsum("bl,blr->br", f, c))  # (b, r)
-            if f is not None:  # how many gradient-carrying positions the act router routed
-                carry = dh.ne(0).any(-1).to(f)                             # (b, L)
-                self.tok = self.acc(self.tok, rows, torch.stack([(f * carry).sum(1), carry.sum(1)], 1))
-        return hook
-
-    def scale(self, z, s):
-        """h = z * s of SVDDelta (unmerged), with the hook on h. Autograd never writes s .grad."""
-        hook, h = self.hook(z.detach()), z * s.detach().requires_grad_()
-        if h.requires_grad:  # False in reentrant gradient checkpointing's no-grad pass
-            h.register_hook(hook)
-        return h
-
-    def merged(self, x, y):
-        """y = x (W + U diag(s) Vh)^T of a merged SVDDelta: the hook on y turns dy into dh = dy U, the
-        gradient the hook on h receives in the unmerged forward, so g_b is the same."""
-        U, hook = self.mod.U, self.hook(x.detach().to(self.mod.Vh.dtype) @ self.mod.Vh.T)
-        if torch.is_grad_enabled():  # not in the no-grad pass of reentrant gradient checkpointing
-            if not y.requires_grad:  # nothing below trains: y is a leaf, where the backward stops
-                y.requires_grad_()
-            y.register_hook(lambda dy: hook(dy.to(U.dtype) @ U))
-        return y
-
-    def linear(self, x, Wf):
-        """x Wf^T of the forget units; the hook on y keeps G_b = sum_l dy_bl^T x_bl  (b, d_out, d_in)."""
-        rows, xd, f = self.cap.cur_rows, x.detach(), self.partner.f_tok  # token f of the retain delta
-
-        def hook(dy):
-            gt = None if f is None else torch.einsum("bl,blo,bli->boi", f, dy, xd)
-            self.add(rows, torch.einsum("blo,bli->boi", dy, xd), gt)
-
-        y = x @ Wf.detach().requires_grad_().T
-        if y.requires_grad:
-            y.register_hook(hook)
-        return y
-
-    def acc(self, buf, rows, v):
-        """buf[rows] += v, buf (n, ...) created on first use."""
-        buf = v.new_zeros((self.cap.n,) + v.shape[1:]) if buf is None else buf
-        return buf.index_put_((rows.to(v.device),), v, accumulate=True)
-
-    def add(self, rows, g, gt):
-        self.g = self.acc(self.g, rows, g)
-        if gt is not None:
-            self.gt = self.acc(self.gt, rows, gt)
-
-
 class Capture:
     """Per-rollout gradients from one backward, then route(); the use is in the module docstring."""
 
@@ -228,7 +165,8 @@ class Capture:
         self.flags = torch.zeros(n_rollouts, dtype=torch.bool) if flags is None else torch.as_tensor(flags).bool()
         self.cur_rows, self.act_mask, self.seen = None, None, torch.zeros(n_rollouts, dtype=torch.bool)
         svd = {n: m for n, m in self.mods.items() if isinstance(m, adapter.SVDDelta)}
-        self.slots = {n: Slot(self, m, vhack.v_act[n] if router.token else None) for n, m in svd.items()}
+        self.slots = {n: Slot(self, m, partial(act_token_f, v_act=vhack.v_act[n]) if router.token else None)
+                      for n, m in svd.items()}
         self.slots |= {n: Slot(self, m, partner=self.slots[n + ".retain"])
                        for n, m in self.mods.items() if n not in svd}
 

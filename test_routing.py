@@ -4,7 +4,7 @@ Invariants of adapter.py, routing.py and vhack.py on the tiny Qwen3.
 The one-backward per-rollout gradients are checked against a naive loop that backpropagates each
 rollout alone, unpadded; the per-token `act` router against Cloud et al.'s detach routing
 (out = m*a + (1-m)*a.detach(), applied to the parameters), an implementation that shares nothing
-with routing.Slot. Runs under pytest and as `python test_routing.py`.
+with slot.Slot. Runs under pytest and as `python test_routing.py`.
 """
 import copy
 import time
@@ -73,13 +73,8 @@ def grads(model):
             if p.requires_grad}
 
 
-def zero(model):
-    for p in model.parameters():
-        p.grad = None
-
-
 def one_backward(model, router, vh, flags=FLAGS, opts=None):
-    zero(model)
+    model.zero_grad()
     cap, total = routing.Capture(model, 6, routing.ROUTERS[router], vh, flags, opts), 0.0
     with cap:
         for rows in MICRO:
@@ -106,7 +101,8 @@ class DetachSlot:
         return z * ((1 - self.f) * keep_only + self.f * quar_only)          # (b, L, r)
 
     def linear(self, x, Wf):
-        return (f := self.partner.f) * (x @ Wf.T) + (1 - f) * (x @ Wf.detach().T)
+        f = self.partner.f
+        return f * (x @ Wf.T) + (1 - f) * (x @ Wf.detach().T)
 
 
 def naive(model, router, vh, flags=FLAGS):
@@ -118,7 +114,7 @@ def naive(model, router, vh, flags=FLAGS):
         for n, s in slots.items():
             s.name, mods[n].slot = n, s
     for b in range(6):
-        zero(model)
+        model.zero_grad()
         loss_of(model, rollouts([b]), [b]).backward()
         per.append(grads(model))
     for m in mods.values():

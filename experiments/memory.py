@@ -16,7 +16,7 @@ Measured, per unit (bf16 weights; adapter.py deviation 4: U, Vh bf16, S and the 
   svd          U, S, Vh of the wrapped layer's 7 projections, at --rank (0: full)
   merged       the merged weight W + U diag(s) Vh that a no-grad forward caches per module (deviation 5)
   adapter      s_keep, s_quar and their gradients, and RoutedAdamW's state after one step
-  slots        routing.Slot's per-rollout gradient sums, (n, r) float32 per module, per rollout
+  slots        slot.Slot's per-rollout gradient sums, (n, r) float32 per module, per rollout
   activations  bytes autograd keeps per token inside the wrapped layer during a routed forward (the
                slope between two lengths). --grad-ckpt keeps only each wrapped layer's input, 2 d bytes a
                token (torch.utils.checkpoint's definition, not measured), and recomputes one layer
