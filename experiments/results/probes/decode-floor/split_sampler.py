@@ -1,0 +1,314 @@
+"""
+PROBE (not adopted): sampler.py at 0e9aa39 with the KV cache split in two, each distinct prompt's K/V held
+once (U, Hkv, P, D) and each row's completion K/V (B, Hkv, T, D); a decode step attends to both parts and
+merges them by their log-normalisers (attend, Decoder.step). test_sampler.py passed on it (float64 tokens
+identical to the plain sampler, flash kernel and math fallback). Compare with ab_split.py.
+
+Sampling, written out: prefill each distinct prompt once, share its KV cache across the group,
+decode with a preallocated cache, logits only where a token is drawn, finished rows dropped.
+
+GRPO samples G completions of each prompt (Shao et al. 2024, DeepSeekMath §4.1), and a CPU spends a
+decode step reading every weight for a handful of rows. So the sampler:
+  1. prefills the U distinct prompts, not the B = U G rows (the group's rows copy the prompt's K/V),
+     a prefix shared by several prompts once (eval's modes of one problem share ~70% of their tokens:
+     its prefill halves), and computes the vocabulary logits at each prompt's last position only;
+  2. writes K/V into a cache allocated once at (B, kv heads, P + T, head dim): no concatenation;
+  3. runs the decoder layers itself (Llama / Qwen2 / Qwen3: RMSNorm, RoPE, GQA, SwiGLU) with q/k/v
+     and gate/up fused, and on CPU prepacks their weights and the lm_head's once per call (oneDNN's
+     blocked layout): SmolLM2's matmuls for one token of 16 rows take ~36 ms so, ~97 ms as `x @ W^T`
+     (experiments/results/probes/prepack/);
+  4. drops a row from the batch when it stops, so no step computes a finished completion.
+The weights are whatever each module computes in its current adapter mode (`weight_of`): the merged
+delta_S weight, the split layers' forget units, the base weight under adapters_off.
+
+Draws. Each step draws one uniform u per row of the original batch from `generator`, finished or
+not, and a row samples the token where the CDF of softmax(logits / temperature) passes u. Rows,
+batch composition and dropping finished rows therefore never change which u a row sees, and
+`plain` (the model's own forward on the whole sequence at every step, no cache) draws the SAME
+tokens wherever the logits agree. In float64 they agree to ~1e-12 and the tokens are identical
+(test_sampler.py); in float32 the summation order differs by ~1e-5 in a logit, which moves a token
+only when u falls that close to a CDF boundary.
+
+Other architectures (any with sliding windows, other norms or activations) use `plain` with a warning.
+
+Shapes: U distinct prompts, B rows, P prompt tokens (left padded), T new tokens, S = P + T, H heads,
+Hkv kv heads, D head dim, d hidden, V vocab.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import adapter
+
+FAST = ("llama", "qwen2", "qwen3")
+
+
+def weight_of(m):
+    """The (d_out, d_in) weight a no-grad forward of m applies in its current adapter mode."""
+    if isinstance(m, adapter.SVDDelta):
+        return m.base.weight if m.mode == "base" else m.merged()
+    if isinstance(m, adapter.SplitLinearOut):
+        return torch.cat([weight_of(m.retain), m.weight_forget], 0)
+    if isinstance(m, adapter.SplitLinearIn):  # the forget columns count in train mode only
+        Wf = m.weight_forget if m.mode == "train" else torch.zeros_like(m.weight_forget)
+        return torch.cat([weight_of(m.retain), Wf], 1)
+    return m.weight
+
+
+def prepacked():
+    """Whether this torch has oneDNN's prepacked linear (the op torch.compile uses on x86 CPUs)."""
+    if not hasattr(prepacked, "ok"):
+        try:
+            W = torch.ones(2, 2)
+            prepacked.ok = bool(torch.ops.mkldnn._linear_pointwise(W, torch.ops.mkldnn._reorder_linear_weight(W), None,
+                                                                   "none", [], "").eq(2).all())
+        except (AttributeError, RuntimeError):
+            prepacked.ok = False
+    return prepacked.ok
+
+
+class Fused:
+    """Several linears on one input: x -> [x W_1^T + b_1, x W_2^T + b_2, ...], one matmul with the weights
+    concatenated. On CPU in float32/bfloat16 they are prepacked by oneDNN once per sampling call; in float64,
+    transposed (W^T contiguous); on a GPU, used as they are."""
+
+    def __init__(self, mods):
+        self.Ws = [weight_of(m) for m in mods]
+        self.bs = [getattr(getattr(m, "base", m), "bias", None) for m in mods]
+        W, self.packed, self.Wt = torch.cat(self.Ws), None, None                      # W (sum d_out, d_in)
+        if W.device.type == "cpu" and W.dtype in (torch.float32, torch.bfloat16) and prepacked():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(W)
+        elif W.device.type == "cpu":
+            self.Wt = W.T.contiguous()                                                # (d_in, sum d_out)
+
+    def __call__(self, x):
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        elif self.Wt is not None:
+            y = x @ self.Wt
+        else:
+            return [F.linear(x, W, b) for W, b in zip(self.Ws, self.bs)]
+        return [y if b is None else y + b for y, b in zip(y.split([W.shape[0] for W in self.Ws], -1), self.bs)]
+
+
+def supported(model):
+    c = model.config
+    return (c.model_type in FAST and c.hidden_act == "silu" and not getattr(c, "use_sliding_window", False)
+            and not getattr(c, "mlp_bias", False))
+
+
+def rope(x, cos, sin):
+    """Rotary embedding as transformers' Llama applies it (rotate_half).  x (n, H, L, D), cos/sin (n, L, D)."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+
+def flash():
+    """Whether this torch has its CPU flash-attention kernel as an op that also returns the log-normaliser."""
+    if not hasattr(flash, "ok"):
+        flash.ok = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return flash.ok
+
+
+def attend(q, K, V, bias=None):
+    """softmax(s) V with s = q K^T / sqrt(D) + bias, and its log-normaliser logsumexp(s) (..., Lq): two parts of
+    one softmax merge exactly by their log-normalisers. On CPU, torch's fused kernel (the one
+    F.scaled_dot_product_attention runs there) returns both.  q (n, h, Lq, D), K/V (n, h, Lk, D)."""
+    if q.device.type == "cpu" and flash():
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, K, V, attn_mask=bias)
+    s = q @ K.transpose(-1, -2) * q.shape[-1] ** -0.5 + (0 if bias is None else bias)  # (n, h, Lq, Lk)
+    lse = s.logsumexp(-1)
+    return (s - lse[..., None]).exp() @ V, lse
+
+
+class Decoder:
+    """The model's decoder layers over preallocated KV caches, for one sampling call: each distinct prompt's
+    K/V once, Kp/Vp (U, Hkv, P, D), and each row's completion K/V, K/V (B, Hkv, T, D)."""
+
+    def __init__(self, model, U, B, P, T):
+        c, self.m = model.config, model.model
+        self.H, self.Hkv = c.num_attention_heads, c.num_key_value_heads
+        self.D = getattr(c, "head_dim", None) or c.hidden_size // self.H
+        self.layers = []
+        for L in self.m.layers:
+            at, mlp = L.self_attn, L.mlp
+            self.layers.append((L.input_layernorm, Fused([at.q_proj, at.k_proj, at.v_proj]), Fused([at.o_proj]),
+                                getattr(at, "q_norm", None), getattr(at, "k_norm", None),
+                                L.post_attention_layernorm, Fused([mlp.gate_proj, mlp.up_proj]),
+                                Fused([mlp.down_proj])))
+        w = self.m.embed_tokens.weight
+        self.Kp, self.Vp = ([w.new_zeros(U, self.Hkv, P, self.D) for _ in self.layers] for _ in "KV")
+        self.K, self.V = ([w.new_zeros(B, self.Hkv, T, self.D) for _ in self.layers] for _ in "KV")
+        self.lm_head = Fused([model.lm_head])
+
+    def forward(self, ids, pos, attn):
+        """Run ids (n, L) at positions pos (n, L), attention by attn(layer, q, k, v) -> (n, H, L, D) with
+        q (n, H, L, D) and k, v (n, Hkv, L, D) -> the last position's logits (n, V)."""
+        n, L = ids.shape
+        x = self.m.embed_tokens(ids)                                             # (n, L, d)
+        cos, sin = self.m.rotary_emb(x, pos)                                     # (n, L, D)
+        for i, (ln1, qkv, o, qn, kn, ln2, gate_up, down) in enumerate(self.layers):
+            q, k, v = (t.view(n, L, -1, self.D) for t in qkv(ln1(x)))            # (n, L, H or Hkv, D)
+            q, k = (qn(q) if qn else q).transpose(1, 2), (kn(k) if kn else k).transpose(1, 2)
+            a = attn(i, rope(q, cos, sin), rope(k, cos, sin), v.transpose(1, 2))    # (n, H, L, D)
+            x = x + o(a.transpose(1, 2).reshape(n, L, self.H * self.D))[0]
+            g, u = gate_up(ln2(x))
+            x = x + down(F.silu(g) * u)[0]
+        return self.lm_head(self.m.norm(x[:, -1]))[0].float()                   # (n, V)
+
+    def prefill(self, ids, pos, keys, start, rows=None):
+        """Prompt tokens: write K/V at [start, start + L) of prompt rows `rows` (None: the first n) and attend
+        to [0, start + L) where keys (n, 1, L, start + L) is True."""
+        rows = slice(0, ids.shape[0]) if rows is None else rows
+
+        def attn(i, q, k, v):
+            end = start + q.shape[2]
+            self.Kp[i][rows, :, start:end], self.Vp[i][rows, :, start:end] = k, v
+            return F.scaled_dot_product_attention(q, self.Kp[i][rows, :, :end], self.Vp[i][rows, :, :end],
+                                                  attn_mask=keys, enable_gqa=True)
+        return self.forward(ids, pos, attn)
+
+    def set_rows(self, prompt_of, prompt_mask):
+        """The batch's rows: prompt_of (n,) each row's prompt, prompt_mask (U, P) the prompts' real tokens.
+        A step stacks each prompt's rows' queries, slot = the row's rank among its prompt's rows."""
+        self.prompt_of, n = prompt_of, len(prompt_of)
+        self.slot = (prompt_of[:, None] == prompt_of[None]).tril(-1).sum(1)                  # (n,)
+        self.R = int(self.slot.max()) + 1
+        self.bias = torch.zeros(prompt_mask.shape, dtype=self.Kp[0].dtype, device=prompt_mask.device
+                                ).masked_fill(~prompt_mask.bool(), float("-inf"))[:, None, None]  # (U, 1, 1, P)
+
+    def step(self, ids, pos, t):
+        """One token per row, ids (n, 1), at completion column t. Attention in two parts of one softmax: the
+        prompt's K/V read once for all its rows (their G H queries stacked), the row's own completion K/V."""
+        U, (n, _), G, D = self.Kp[0].shape[0], ids.shape, self.H // self.Hkv, self.D
+
+        def attn(i, q, k, v):
+            self.K[i][:, :, t:t + 1], self.V[i][:, :, t:t + 1] = k, v
+            qs = q.new_zeros(U, self.R, self.H, D)
+            qs[self.prompt_of, self.slot] = q[:, :, 0]
+            qs = qs.view(U, self.R, self.Hkv, G, D).transpose(1, 2).reshape(U, self.Hkv, self.R * G, D)
+            a1, l1 = attend(qs, self.Kp[i], self.Vp[i], self.bias)                # (U, Hkv, R G, D), (U, Hkv, R G)
+            a1 = a1.view(U, self.Hkv, self.R, G, D).transpose(1, 2)[self.prompt_of, self.slot]  # (n, Hkv, G, D)
+            l1 = l1.view(U, self.Hkv, self.R, G).transpose(1, 2)[self.prompt_of, self.slot, ..., None]
+            a2, l2 = attend(q.reshape(n, self.Hkv, G, D), self.K[i][:, :, :t + 1], self.V[i][:, :, :t + 1])
+            l2 = l2[..., None]
+            lse = torch.logaddexp(l1, l2)                                         # (n, Hkv, G, 1)
+            return (a1 * (l1 - lse).exp() + a2 * (l2 - lse).exp()).view(n, self.H, 1, D)
+        return self.forward(ids, pos, attn)
+
+    def keep(self, live, t):
+        """Keep only rows `live` (bool over the rows), copying completion columns [0, t) alone; prompts with no
+        row left leave the prompt cache."""
+        for C in (self.K, self.V):
+            for i, c in enumerate(C):
+                C[i] = c.new_empty(int(live.sum()), *c.shape[1:])
+                C[i][:, :, :t] = c[live, :, :t]
+        used, prompt_of = self.prompt_of[live].unique(return_inverse=True)
+        if len(used) < self.Kp[0].shape[0]:
+            self.Kp, self.Vp = [c[used] for c in self.Kp], [c[used] for c in self.Vp]
+        self.set_rows(prompt_of, self.bias[used, 0, 0] == 0)
+
+
+def prefill_keys(attn, start=0):
+    """The attention mask (n, 1, W - start, W) of queries at columns [start, W) of a prompt layout attn (n, W):
+    causal over its real tokens; a pad query sees itself (no NaN rows)."""
+    W, dev = attn.shape[1], attn.device
+    q, k = torch.arange(start, W, device=dev)[:, None], torch.arange(W, device=dev)[None]
+    return (attn[:, None, None, :].bool() & (k <= q)) | (k == q)
+
+
+def prefix_groups(seqs, share=0.5):
+    """Distinct prompts (token lists) grouped by a shared prefix, in sorted order: a prompt joins the group
+    before it when it shares at least `share` of its tokens, and of the group's first prompt's, with that
+    prompt (eval's five modes of one problem; a chat template's system prompt alone is too little). The
+    prefix is what the members share, short of each one's last token. Prompts in no group form one group
+    with an empty prefix.
+    -> [(prefix length, [prompt indices])]"""
+    def lcp(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    runs = []
+    for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):
+        if runs and lcp(seqs[runs[-1][0]], seqs[i]) >= share * max(len(seqs[runs[-1][0]]), len(seqs[i])):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    out = [(min(min(lcp(seqs[r[0]], seqs[i]), len(seqs[i]) - 1) for i in r), r) for r in runs if len(r) > 1]
+    alone = [r[0] for r in runs if len(r) == 1]
+    return out + ([(0, alone)] if alone else [])
+
+
+def prefill(dec, seqs, P, pad):
+    """Prefill the distinct prompts `seqs` into prompt cache rows 0..U-1, each group's prefix once (prefix_groups).
+    Row layout, ending at column P - 1: [pad | the group's prefix | pad | the row's suffix]. The gaps are
+    masked keys and positions count real tokens only, so each row computes exactly its own prompt.
+    -> the last position's logits (U, V) and the layout's real-token mask (U, P)."""
+    dev = dec.Kp[0].device
+    mask = torch.zeros(len(seqs), P, dtype=torch.bool, device=dev)
+    order, logits = [], []
+    for n, rows in prefix_groups(seqs):
+        s = P - max(len(seqs[i]) - n for i in rows)        # the suffixes' columns [s, P), the prefix's [s - n, s)
+        ids = torch.full((len(rows), P), pad, dtype=torch.long, device=dev)
+        for j, i in enumerate(rows):
+            suffix = seqs[i][n:]
+            ids[j, s - n:s], ids[j, P - len(suffix):] = torch.tensor(seqs[i][:n]), torch.tensor(suffix)
+            mask[i, s - n:s], mask[i, P - len(suffix):] = True, True
+        r, m = torch.tensor(rows, device=dev), mask[rows]
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        if n:  # the prefix once, in the group's first row, then copied to the others
+            dec.prefill(ids[:1, s - n:s], pos[:1, s - n:s], prefill_keys(m[:1, :s], s - n), s - n, r[:1])
+            for C in (dec.Kp, dec.Vp):
+                for c in C:
+                    c[r[1:], :, s - n:s] = c[r[:1], :, s - n:s]
+        logits.append(dec.prefill(ids[:, s:], pos[:, s:], prefill_keys(m, s), s, r))  # (len(rows), V)
+        order += rows
+    return torch.cat(logits)[torch.tensor(order, device=dev).argsort()], mask
+
+
+def draw(logits, u, temperature, greedy):
+    """Inverse-CDF sampling with the given uniforms: the token where cumsum(softmax) first exceeds u."""
+    if greedy:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)                     # (n, V)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=cdf.shape[1] - 1)
+
+
+@torch.no_grad()
+def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, generator=None, plain=False):
+    """Sample from B left-padded prompt rows ids/attn (B, P) -> completion ids (B, T') padded with `pad`
+    after each row's first stop token, and mask (B, T'), 1 up to AND including that stop token."""
+    if not plain and not supported(model):
+        print(f"note: sampler: no fast path for {model.config.model_type}; full recompute (slow)", file=sys.stderr)
+        plain = True
+    (B, P), dev = ids.shape, ids.device
+    stops = torch.tensor(stops, device=dev)
+    out = torch.full((B, T), pad, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, T, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)                   # the original row of each batch row
+    live = torch.ones(B, dtype=torch.bool, device=dev)   # batch rows that have not stopped
+    if not plain:  # prefill the distinct prompts once (a shared prefix once); their rows share the K/V
+        uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)  # row -> prompt
+        dec = Decoder(model, len(uniq), B, P, T)
+        logits, m = prefill(dec, [u[:P][u[P:].bool()].tolist() for u in uniq], P, pad)    # (U, V), (U, P)
+        dec.set_rows(inv, m)
+        logits, cur = logits[inv], m.sum(-1, keepdim=True)[inv]  # (B, V); (B, 1): the next position
+    for t in range(T):
+        u = torch.rand(B, generator=generator, device=dev)[rows]  # one per original row, always (docstring)
+        if plain:
+            seq, seq_attn = torch.cat([ids, out[:, :t]], 1), torch.cat([attn, mask[:, :t]], 1)
+            p = (seq_attn.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=seq, attention_mask=seq_attn, position_ids=p).logits[rows, -1].float()
+        nxt = draw(logits, u, temperature, greedy)                                       # (n,)
+        out[rows[live], t], mask[rows[live], t] = nxt[live], 1
+        live &= ~torch.isin(nxt, stops)
+        if not bool(live.any()) or t == T - 1:
+            break
+        if int((~live).sum()) >= max(1, len(rows) // 8):  # drop finished rows (a cache copy costs ~20 row-steps)
+            if not plain:
+                dec.keep(live, t)
+                cur = cur[live]
+            rows, nxt, live = rows[live], nxt[live], live[live]
+        if not plain:
+            logits = dec.step(nxt[:, None], cur, t)
+            cur = cur + 1
+    return out[:, :t + 1], mask[:, :t + 1]
