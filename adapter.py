@@ -79,7 +79,7 @@ class SVDDelta(nn.Module):
             return self.base(x)
         merged = not torch.is_grad_enabled() if self.slot is None else self.base.weight.dtype in self.slot.MERGED
         if merged:                                                         # deviations 5 and 7
-            y = F.linear(x, self.merged(), self.base.bias)
+            y = F.linear(x, self.merged(), self.base.bias)                 # (b, L, d_out)
             return y if self.slot is None else self.slot.merged(x, y)
         y = self.base(x)                                                   # (b, L, d_out)
         z = x.to(self.Vh.dtype) @ self.Vh.T                                # (b, L, r)

@@ -10,8 +10,12 @@ on its activations reduce the per-token contributions of ONE backward to per-rol
 Autograd never writes the adapters' .grad while a Slot is attached: routing.Capture.route() writes
 keep and quarantine from the sums. For the per-token `act` router a Slot also keeps, per rollout,
 the part of g_b from its routed tokens (f_bl = token_f(z_bl)), which goes to the quarantine whole.
+This is Goodfellow's per-example gradient trick for linear layers (Goodfellow 2015, "Efficient
+Per-Example Gradient Computations", arXiv 1510.01799): a weight's gradient is a sum over positions
+of input x output-gradient outer products, so one backward gives every example's own. Routing by
+parameter masking after the backward (SGTM, Shilov, Cloud et al. 2025, §3) needs exactly these.
 test_routing.py checks the sums against a naive loop of one backward per rollout, and `act` against
-Cloud et al.'s detach routing.
+Cloud et al.'s detach routing. Deviations: none (the sums are exact up to float rounding).
 
 Shapes: n rollouts in the step, b in a micro-batch, L positions, r delta_S rank.
 """
