@@ -40,7 +40,7 @@ def train_flops(model, B, P, T):
     attn = 4 * B * c.num_attention_heads * hd * L * L                         # one layer's forward
     first = min(int(n.split(".")[2]) for n in adapter.adapter_modules(model, adapter.SVDDelta))
     lin, att = 3 * 2 * c.vocab_size * c.hidden_size * B * (T + 1), 0           # lm_head
-    merged = model.dtype in slot.Slot.MERGED                                # adapter.py deviation 7
+    merged = model.dtype in slot.Slot.MERGED                                   # adapter.py deviation 7
     for i, layer in enumerate(model.model.layers):
         for n, m in layer.named_modules():
             delta = isinstance(m, adapter.SVDDelta)
