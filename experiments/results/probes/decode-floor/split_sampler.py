@@ -1,107 +1,18 @@
 """
 PROBE (not adopted): sampler.py at 0e9aa39 with the KV cache split in two, each distinct prompt's K/V held
 once (U, Hkv, P, D) and each row's completion K/V (B, Hkv, T, D); a decode step attends to both parts and
-merges them by their log-normalisers (attend, Decoder.step). test_sampler.py passed on it (float64 tokens
-identical to the plain sampler, flash kernel and math fallback). Compare with ab_split.py.
-
-Sampling, written out: prefill each distinct prompt once, share its KV cache across the group,
-decode with a preallocated cache, logits only where a token is drawn, finished rows dropped.
-
-GRPO samples G completions of each prompt (Shao et al. 2024, DeepSeekMath §4.1), and a CPU spends a
-decode step reading every weight for a handful of rows. So the sampler:
-  1. prefills the U distinct prompts, not the B = U G rows (the group's rows copy the prompt's K/V),
-     a prefix shared by several prompts once (eval's modes of one problem share ~70% of their tokens:
-     its prefill halves), and computes the vocabulary logits at each prompt's last position only;
-  2. writes K/V into a cache allocated once at (B, kv heads, P + T, head dim): no concatenation;
-  3. runs the decoder layers itself (Llama / Qwen2 / Qwen3: RMSNorm, RoPE, GQA, SwiGLU) with q/k/v
-     and gate/up fused, and on CPU prepacks their weights and the lm_head's once per call (oneDNN's
-     blocked layout): SmolLM2's matmuls for one token of 16 rows take ~36 ms so, ~97 ms as `x @ W^T`
-     (experiments/results/probes/prepack/);
-  4. drops a row from the batch when it stops, so no step computes a finished completion.
-The weights are whatever each module computes in its current adapter mode (`weight_of`): the merged
-delta_S weight, the split layers' forget units, the base weight under adapters_off.
-
-Draws. Each step draws one uniform u per row of the original batch from `generator`, finished or
-not, and a row samples the token where the CDF of softmax(logits / temperature) passes u. Rows,
-batch composition and dropping finished rows therefore never change which u a row sees, and
-`plain` (the model's own forward on the whole sequence at every step, no cache) draws the SAME
-tokens wherever the logits agree. In float64 they agree to ~1e-12 and the tokens are identical
-(test_sampler.py); in float32 the summation order differs by ~1e-5 in a logit, which moves a token
-only when u falls that close to a CDF boundary.
-
-Other architectures (any with sliding windows, other norms or activations) use `plain` with a warning.
-
-Shapes: U distinct prompts, B rows, P prompt tokens (left padded), T new tokens, S = P + T, H heads,
-Hkv kv heads, D head dim, d hidden, V vocab.
+merges them by their log-normalisers (attend, Decoder.step). Only what differs is here: Decoder, prefill
+and sample; the rest is sampler.py's. test_sampler.py's four sampling tests pass on it (float64 tokens
+identical to the plain sampler, with the flash kernel and with the math fallback: split_test.py; its other
+two call sampler.py's own Decoder and prepacked()). Compare with ab_split.py.
 """
 import sys
 
 import torch
 import torch.nn.functional as F
 
-import adapter
-
-FAST = ("llama", "qwen2", "qwen3")
-
-
-def weight_of(m):
-    """The (d_out, d_in) weight a no-grad forward of m applies in its current adapter mode."""
-    if isinstance(m, adapter.SVDDelta):
-        return m.base.weight if m.mode == "base" else m.merged()
-    if isinstance(m, adapter.SplitLinearOut):
-        return torch.cat([weight_of(m.retain), m.weight_forget], 0)
-    if isinstance(m, adapter.SplitLinearIn):  # the forget columns count in train mode only
-        Wf = m.weight_forget if m.mode == "train" else torch.zeros_like(m.weight_forget)
-        return torch.cat([weight_of(m.retain), Wf], 1)
-    return m.weight
-
-
-def prepacked():
-    """Whether this torch has oneDNN's prepacked linear (the op torch.compile uses on x86 CPUs)."""
-    if not hasattr(prepacked, "ok"):
-        try:
-            W = torch.ones(2, 2)
-            prepacked.ok = bool(torch.ops.mkldnn._linear_pointwise(W, torch.ops.mkldnn._reorder_linear_weight(W), None,
-                                                                   "none", [], "").eq(2).all())
-        except (AttributeError, RuntimeError):
-            prepacked.ok = False
-    return prepacked.ok
-
-
-class Fused:
-    """Several linears on one input: x -> [x W_1^T + b_1, x W_2^T + b_2, ...], one matmul with the weights
-    concatenated. On CPU in float32/bfloat16 they are prepacked by oneDNN once per sampling call; in float64,
-    transposed (W^T contiguous); on a GPU, used as they are."""
-
-    def __init__(self, mods):
-        self.Ws = [weight_of(m) for m in mods]
-        self.bs = [getattr(getattr(m, "base", m), "bias", None) for m in mods]
-        W, self.packed, self.Wt = torch.cat(self.Ws), None, None                      # W (sum d_out, d_in)
-        if W.device.type == "cpu" and W.dtype in (torch.float32, torch.bfloat16) and prepacked():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(W)
-        elif W.device.type == "cpu":
-            self.Wt = W.T.contiguous()                                                # (d_in, sum d_out)
-
-    def __call__(self, x):
-        if self.packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        elif self.Wt is not None:
-            y = x @ self.Wt
-        else:
-            return [F.linear(x, W, b) for W, b in zip(self.Ws, self.bs)]
-        return [y if b is None else y + b for y, b in zip(y.split([W.shape[0] for W in self.Ws], -1), self.bs)]
-
-
-def supported(model):
-    c = model.config
-    return (c.model_type in FAST and c.hidden_act == "silu" and not getattr(c, "use_sliding_window", False)
-            and not getattr(c, "mlp_bias", False))
-
-
-def rope(x, cos, sin):
-    """Rotary embedding as transformers' Llama applies it (rotate_half).  x (n, H, L, D), cos/sin (n, L, D)."""
-    x1, x2 = x.chunk(2, -1)
-    return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+sys.path.insert(0, ".")
+from sampler import Fused, draw, prefill_keys, prefix_groups, rope, supported  # noqa: E402
 
 
 def flash():
@@ -172,7 +83,7 @@ class Decoder:
     def set_rows(self, prompt_of, prompt_mask):
         """The batch's rows: prompt_of (n,) each row's prompt, prompt_mask (U, P) the prompts' real tokens.
         A step stacks each prompt's rows' queries, slot = the row's rank among its prompt's rows."""
-        self.prompt_of, n = prompt_of, len(prompt_of)
+        self.prompt_of = prompt_of
         self.slot = (prompt_of[:, None] == prompt_of[None]).tril(-1).sum(1)                  # (n,)
         self.R = int(self.slot.max()) + 1
         self.bias = torch.zeros(prompt_mask.shape, dtype=self.Kp[0].dtype, device=prompt_mask.device
@@ -210,34 +121,6 @@ class Decoder:
         self.set_rows(prompt_of, self.bias[used, 0, 0] == 0)
 
 
-def prefill_keys(attn, start=0):
-    """The attention mask (n, 1, W - start, W) of queries at columns [start, W) of a prompt layout attn (n, W):
-    causal over its real tokens; a pad query sees itself (no NaN rows)."""
-    W, dev = attn.shape[1], attn.device
-    q, k = torch.arange(start, W, device=dev)[:, None], torch.arange(W, device=dev)[None]
-    return (attn[:, None, None, :].bool() & (k <= q)) | (k == q)
-
-
-def prefix_groups(seqs, share=0.5):
-    """Distinct prompts (token lists) grouped by a shared prefix, in sorted order: a prompt joins the group
-    before it when it shares at least `share` of its tokens, and of the group's first prompt's, with that
-    prompt (eval's five modes of one problem; a chat template's system prompt alone is too little). The
-    prefix is what the members share, short of each one's last token. Prompts in no group form one group
-    with an empty prefix.
-    -> [(prefix length, [prompt indices])]"""
-    def lcp(a, b):
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    runs = []
-    for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):
-        if runs and lcp(seqs[runs[-1][0]], seqs[i]) >= share * max(len(seqs[runs[-1][0]]), len(seqs[i])):
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    out = [(min(min(lcp(seqs[r[0]], seqs[i]), len(seqs[i]) - 1) for i in r), r) for r in runs if len(r) > 1]
-    alone = [r[0] for r in runs if len(r) == 1]
-    return out + ([(0, alone)] if alone else [])
-
-
 def prefill(dec, seqs, P, pad):
     """Prefill the distinct prompts `seqs` into prompt cache rows 0..U-1, each group's prefix once (prefix_groups).
     Row layout, ending at column P - 1: [pad | the group's prefix | pad | the row's suffix]. The gaps are
@@ -263,14 +146,6 @@ def prefill(dec, seqs, P, pad):
         logits.append(dec.prefill(ids[:, s:], pos[:, s:], prefill_keys(m, s), s, r))  # (len(rows), V)
         order += rows
     return torch.cat(logits)[torch.tensor(order, device=dev).argsort()], mask
-
-
-def draw(logits, u, temperature, greedy):
-    """Inverse-CDF sampling with the given uniforms: the token where cumsum(softmax) first exceeds u."""
-    if greedy:
-        return logits.argmax(-1)
-    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)                     # (n, V)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=cdf.shape[1] - 1)
 
 
 @torch.no_grad()
