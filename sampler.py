@@ -7,12 +7,13 @@ decode step reading every weight for a handful of rows. So the sampler:
   1. prefills the U distinct prompts, not the B = U G rows (the group's rows copy the prompt's K/V),
      a prefix shared by several prompts once (eval's modes of one problem share ~70% of their tokens:
      its prefill halves), and computes the vocabulary logits at each prompt's last position only;
-  2. writes K/V into a cache allocated once at (B, kv heads, P + T, head dim): no concatenation;
+  2. writes K/V into a cache preallocated at (B, kv heads, P + T, head dim): no concatenation per step;
   3. runs the decoder layers itself (Llama / Qwen2 / Qwen3: RMSNorm, RoPE, GQA, SwiGLU) with q/k/v
      and gate/up fused, and on CPU prepacks their weights and the lm_head's once per call (oneDNN's
-     blocked layout): SmolLM2's matmuls for one token of 16 rows take ~36 ms so, ~97 ms as `x @ W^T`
+     blocked layout): SmolLM2's matmuls for one token of 16 rows take ~38 ms so, ~80 ms as `x @ W^T`
      (experiments/results/probes/prepack/);
-  4. drops a row from the batch when it stops, so no step computes a finished completion.
+  4. drops finished rows from the batch (and copies the cache to the rows left) once 1/8 of them (at least
+     one) have stopped, so a step computes at most a few finished completions.
 The weights are whatever each module computes in its current adapter mode (`weight_of`): the merged
 delta_S weight, the split layers' forget units, the base weight under adapters_off.
 
@@ -71,11 +72,11 @@ class Fused:
     def __init__(self, mods):
         self.Ws = [weight_of(m) for m in mods]
         self.bs = [getattr(getattr(m, "base", m), "bias", None) for m in mods]
-        W, self.packed, self.Wt = torch.cat(self.Ws), None, None                      # W (sum d_out, d_in)
-        if W.device.type == "cpu" and W.dtype in (torch.float32, torch.bfloat16) and prepacked():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(W)
-        elif W.device.type == "cpu":
-            self.Wt = W.T.contiguous()                                                # (d_in, sum d_out)
+        self.packed, self.Wt, cpu = None, None, self.Ws[0].device.type == "cpu"
+        if cpu and self.Ws[0].dtype in (torch.float32, torch.bfloat16) and prepacked():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(self.Ws))  # (sum d_out, d_in)
+        elif cpu:
+            self.Wt = torch.cat(self.Ws).T.contiguous()                               # (d_in, sum d_out)
 
     def __call__(self, x):
         if self.packed is not None:
