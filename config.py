@@ -146,6 +146,8 @@ def check_args(a):
         ckpt.die("--steps 0 trains the warm-up only: give --warmup-steps > 0")
     if not 0 < a.share <= 1:
         ckpt.die("--share must be in (0, 1]")
+    if a.temperature <= 0:
+        ckpt.die("--temperature must be positive (rollouts sample softmax(logits / temperature))")
     if min(a.layers, a.wrap_layers, a.rank) < 0:
         ckpt.die("--layers, --wrap-layers and --rank must not be negative (0: all)")
     if a.eval_every < 0 or a.eval_n < 1:

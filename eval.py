@@ -211,6 +211,8 @@ def get_args(argv=None):
 def main(argv=None, plot=True):
     a = get_args(argv)
     a.coherence_steps = steps_list(a.coherence_steps)
+    if a.temperature is not None and a.temperature <= 0:
+        ckpt.die("--temperature must be positive (completions sample softmax(logits / temperature))")
     if a.relearn_teacher and a.relearn_steps < 1:
         ckpt.die("--relearn-teacher is an option of the relearn probe: give --relearn-steps N too")
     torch.manual_seed(a.seed)
@@ -218,7 +220,7 @@ def main(argv=None, plot=True):
         ckpt.die(f"{a.ckpt}: no metrics.jsonl (is this a train.py --out directory?)")
     run, model, tok, vh = ckpt.load_run(a.ckpt, M.pick_device(a.device))
     a.max_new_tokens = a.max_new_tokens or run.max_new_tokens
-    a.temperature = a.temperature or run.temperature
+    a.temperature = run.temperature if a.temperature is None else a.temperature
     seen = tuple(run.seen.split(","))
     det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=a.seed)  # an exact detector for the flagged rate
     diff = run.difficulty  # the retain and relearn steps train on the run's levels

@@ -142,8 +142,8 @@ def test_relearn_is_plain_grpo_with_the_runs_teacher_hacks_only_when_asked():
 
 def test_eval_bad_input():
     """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
-    test split, a bad --coherence-steps, --relearn-teacher without --relearn-steps: one line starting with
-    error:, exit 2."""
+    test split, a bad --coherence-steps, --relearn-teacher without --relearn-steps, --temperature 0: one line
+    starting with error:, exit 2."""
     src = os.path.join(TMP, "label")
     if not os.path.exists(src):
         assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
@@ -164,7 +164,8 @@ def test_eval_bad_input():
 
     cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"), bad("--coherence-steps", "2,1"),
              bad("--coherence-steps", "x"), bad("--coherence-steps", "0"), bad("--relearn-teacher"),
-             variant("format", edit={"format": 0}), variant("model", edit={"wrap_layers": 1, "adapter": "split"}),
+             bad("--temperature", "0"), variant("format", edit={"format": 0}),
+             variant("model", edit={"wrap_layers": 1, "adapter": "split"}),
              (variant("empty", edit={"source": "adjacent"}), ["--split", "validation"])]  # adjacent: test only
     for d in cases:
         d, extra = d if isinstance(d, tuple) else (d, [])

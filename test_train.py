@@ -168,6 +168,7 @@ def test_bad_input_is_one_line_exit_2():
     os.makedirs(ro, exist_ok=True)
     os.chmod(ro, 0o500)
     cases = [["--group-size", "1"], ["--steps", "0", "--warmup-steps", "0"], ["--steps", "-1"], ["--share", "0"],
+             ["--temperature", "0"],
              ["--resume", os.path.join(TMP, "nothing-here")],
              ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--micro", "0"], ["--router", "label", "--flagged-only"],
              ["--modes", "run_tests", "--teach-modes", "exit_code"]]
