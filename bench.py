@@ -14,7 +14,7 @@ Timings are only as good as the machine is quiet: the CPU share other processes 
 
 train_peak_fraction = the train phase's FLOPs (an analytic count, not the usual 6 N tok) / its
 seconds / the matmul peak measured in the same process: both in flops.py, whose docstring derives the count.
-gen_peak_fraction = 2 x params x sampled tokens / generate's seconds / the same peak (sampler.py).
+gen_peak_fraction = 2 x matmul params x sampled tokens / generate's seconds (sums over rounds) / the same peak.
 
 Deviations from train.py's step:
   1. The train phases run on FIXED teacher-forced rollouts (teacher demos concatenated and cut to
@@ -227,8 +227,11 @@ def measure(a, device):
     times = {k: {p: statistics.median(x[p] for x in v) for p in v[0]} for k, v in runs.items()}
     mem = {k: (max(m[0] for m in v), v[0][1] and max(m[1] for m in v)) for k, v in mems.items()}
     B, P, (busy, own) = r.completion_ids.shape[0], r.prompt_ids.shape[1], cpu_s()
+    emb = model.get_input_embeddings().weight   # a lookup, no matmul: counted once if the lm_head is tied to it
     shape = {"B": B, "P": P, "T": a.tokens, "gen_tokens": statistics.median(n_gen), "dtype": str(model.dtype)[6:],
-             "flops": sum(phase_flops(a, model, r)), "params": model.num_parameters(),
+             "gen_tok_s": sum(n_gen) / sum(t["generate"] for t in runs["generate"]),  # over all rounds, not medians
+             "flops": sum(phase_flops(a, model, r)),
+             "params": model.num_parameters() - (0 if model.get_output_embeddings().weight is emb else emb.numel()),
              "peak_flop_s": flops.matmul_peak(device, model.dtype),
              "others_cpu_frac": (busy - busy0 - own + own0) / (time.perf_counter() - wall0) / os.cpu_count()}
     return times, mem, shape
@@ -247,8 +250,7 @@ def summarise(a, device, times, mem, shape, start):
            "grade_fraction": g["grade"] / step_s[main], "grade_per_s": shape["B"] / g["grade"],
            "startup_s": start["total"], "startup": start,
            "train_peak_fraction": frac[main], "train_peak_fraction_by_router": frac,
-           "gen_tok_s": shape["gen_tokens"] / g["generate"],
-           "gen_peak_fraction": 2 * shape["params"] * shape["gen_tokens"] / g["generate"] / shape["peak_flop_s"],
+           "gen_peak_fraction": 2 * shape["params"] * shape["gen_tok_s"] / shape["peak_flop_s"],
            "train_tok_s": shape["B"] * shape["T"] / train_s[main],
            "peak_rss_mb": max(m[0] for m in mem.values()), "peak_rss_mb_by_phase": {k: m[0] for k, m in mem.items()},
            "peak_cuda_mb_by_phase": {k: m[1] for k, m in mem.items()} if str(device).startswith("cuda") else None}
