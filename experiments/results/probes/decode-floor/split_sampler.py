@@ -2,17 +2,21 @@
 PROBE (not adopted): sampler.py at 0e9aa39 with the KV cache split in two, each distinct prompt's K/V held
 once (U, Hkv, P, D) and each row's completion K/V (B, Hkv, T, D); a decode step attends to both parts and
 merges them by their log-normalisers (attend, Decoder.step). Only what differs is here: Decoder, prefill
-and sample; the rest is sampler.py's. test_sampler.py's four sampling tests pass on it (float64 tokens
-identical to the plain sampler, with the flash kernel and with the math fallback: split_test.py; its other
-two call sampler.py's own Decoder and prepacked()). Compare with ab_split.py.
+(sampler.prefill on the prompt cache) and sample; the rest is sampler.py's. test_sampler.py's four sampling
+tests pass on it (float64 tokens identical to the plain sampler, with the flash kernel and with the math
+fallback: split_test.py; its other two call sampler.py's own Decoder and prepacked()). Compare with ab_split.py.
 """
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
-from sampler import Fused, draw, prefill_keys, prefix_groups, rope, supported  # noqa: E402
+import sampler  # noqa: E402
+from sampler import Fused, draw, rope, supported  # noqa: E402
+
+prefix_groups = sampler.prefix_groups  # test_sampler calls it on this module
 
 
 def flash():
@@ -122,30 +126,9 @@ class Decoder:
 
 
 def prefill(dec, seqs, P, pad):
-    """Prefill the distinct prompts `seqs` into prompt cache rows 0..U-1, each group's prefix once (prefix_groups).
-    Row layout, ending at column P - 1: [pad | the group's prefix | pad | the row's suffix]. The gaps are
-    masked keys and positions count real tokens only, so each row computes exactly its own prompt.
-    -> the last position's logits (U, V) and the layout's real-token mask (U, P)."""
-    dev = dec.Kp[0].device
-    mask = torch.zeros(len(seqs), P, dtype=torch.bool, device=dev)
-    order, logits = [], []
-    for n, rows in prefix_groups(seqs):
-        s = P - max(len(seqs[i]) - n for i in rows)        # the suffixes' columns [s, P), the prefix's [s - n, s)
-        ids = torch.full((len(rows), P), pad, dtype=torch.long, device=dev)
-        for j, i in enumerate(rows):
-            suffix = seqs[i][n:]
-            ids[j, s - n:s], ids[j, P - len(suffix):] = torch.tensor(seqs[i][:n]), torch.tensor(suffix)
-            mask[i, s - n:s], mask[i, P - len(suffix):] = True, True
-        r, m = torch.tensor(rows, device=dev), mask[rows]
-        pos = (m.cumsum(-1) - 1).clamp(min=0)
-        if n:  # the prefix once, in the group's first row, then copied to the others
-            dec.prefill(ids[:1, s - n:s], pos[:1, s - n:s], prefill_keys(m[:1, :s], s - n), s - n, r[:1])
-            for C in (dec.Kp, dec.Vp):
-                for c in C:
-                    c[r[1:], :, s - n:s] = c[r[:1], :, s - n:s]
-        logits.append(dec.prefill(ids[:, s:], pos[:, s:], prefill_keys(m, s), s, r))  # (len(rows), V)
-        order += rows
-    return torch.cat(logits)[torch.tensor(order, device=dev).argsort()], mask
+    """sampler.prefill into the prompt cache: the same layout and forwards, with Decoder.prefill as the forward
+    and Kp/Vp as the cache (U rows, one per distinct prompt)."""
+    return sampler.prefill(types.SimpleNamespace(K=dec.Kp, V=dec.Vp, forward=dec.prefill), seqs, P, pad)
 
 
 @torch.no_grad()
