@@ -140,10 +140,11 @@ class Decoder:
         return self.lm_head(self.m.norm(x[:, -1]))[0].float()                   # (n, V)
 
     def keep(self, rows, end):
-        """Keep only cache rows `rows` (bool over the rows), copying positions [0, end) alone."""
+        """Make the cache rows `rows` (a bool mask or indices over the rows), copying positions [0, end) alone."""
+        n = int(rows.sum()) if rows.dtype == torch.bool else len(rows)
         for C in (self.K, self.V):
             for i, c in enumerate(C):
-                C[i] = c.new_empty(int(rows.sum()), *c.shape[1:])
+                C[i] = c.new_empty(n, *c.shape[1:])
                 C[i][:, :, :end] = c[rows, :, :end]
 
 
@@ -228,9 +229,7 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
         dec = Decoder(model, B, P + T)
         logits, m = prefill(dec, [u[:P][u[P:].bool()].tolist() for u in uniq], P, pad)    # (U, V), (U, P)
         logits, m = logits[inv], m[inv]                                                 # (B, V), (B, P)
-        for C in (dec.K, dec.V):
-            for c in C:
-                c[:] = c[inv]
+        dec.keep(inv, P)                               # row b's cache: its prompt's K/V
         keys = torch.cat([m, m.new_ones(B, T)], 1)     # (B, P + T): the key positions a row attends to
         cur = m.sum(-1, keepdim=True)                  # (B, 1): the next position (real tokens so far)
     for t in range(T):
