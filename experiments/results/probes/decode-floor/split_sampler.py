@@ -1,8 +1,10 @@
 """
-PROBE (not adopted): sampler.py at 0e9aa39 with the KV cache split in two, each distinct prompt's K/V held
-once (U, Hkv, P, D) and each row's completion K/V (B, Hkv, T, D); a decode step attends to both parts and
-merges them by their log-normalisers (attend, Decoder.step). Only what differs is here: Decoder, prefill
-(sampler.prefill on the prompt cache) and sample; the rest is sampler.py's. test_sampler.py's four sampling
+PROBE (not adopted): sampler.py with the KV cache split in two, each distinct prompt's K/V held once
+(U, Hkv, P, D) and each row's completion K/V (B, Hkv, T, D); a decode step attends to both parts and merges
+them by their log-normalisers (attend, Decoder.forward). Only the Decoder differs, behind sampler.Decoder's
+contract (forward, keep, K/V the cache sampler.prefill writes): `sample` is sampler.sample with it, `prefill`
+sampler.prefill with the caches sized first. (ab_split.out and the profiles were measured at 0e9aa39, when
+this file carried its own copy of the sampling loop; the steps are the same.) test_sampler.py's four sampling
 tests pass on it (float64 tokens identical to the plain sampler, with the flash kernel and with the math
 fallback: split_test.py; its other two call sampler.py's own Decoder and prepacked()). Compare with ab_split.py.
 """
@@ -14,9 +16,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 import sampler  # noqa: E402
-from sampler import Fused, draw, rope, supported  # noqa: E402
+from sampler import rope  # noqa: E402
 
 prefix_groups = sampler.prefix_groups  # test_sampler calls it on this module
+REF_DECODER, REF_PREFILL = sampler.Decoder, sampler.prefill  # the reference's; `sample` swaps them out
 
 
 def flash():
@@ -37,27 +40,16 @@ def attend(q, K, V, bias=None):
     return (s - lse[..., None]).exp() @ V, lse
 
 
-class Decoder:
+class Decoder(REF_DECODER):
     """The model's decoder layers over preallocated KV caches, for one sampling call: each distinct prompt's
-    K/V once, Kp/Vp (U, Hkv, P, D), and each row's completion K/V, K/V (B, Hkv, T, D)."""
+    K/V once, K/V (U, Hkv, P, D), the cache sampler.prefill writes; each row's completion K/V, Kc/Vc
+    (n, Hkv, T, D); prompt_of (n,) each row's prompt. prefill (below) allocates them: it knows U and P."""
 
-    def __init__(self, model, U, B, P, T):
-        c, self.m = model.config, model.model
-        self.H, self.Hkv = c.num_attention_heads, c.num_key_value_heads
-        self.D = getattr(c, "head_dim", None) or c.hidden_size // self.H
-        self.layers = []
-        for L in self.m.layers:
-            at, mlp = L.self_attn, L.mlp
-            self.layers.append((L.input_layernorm, Fused([at.q_proj, at.k_proj, at.v_proj]), Fused([at.o_proj]),
-                                getattr(at, "q_norm", None), getattr(at, "k_norm", None),
-                                L.post_attention_layernorm, Fused([mlp.gate_proj, mlp.up_proj]),
-                                Fused([mlp.down_proj])))
-        w = self.m.embed_tokens.weight
-        self.Kp, self.Vp = ([w.new_zeros(U, self.Hkv, P, self.D) for _ in self.layers] for _ in "KV")
-        self.K, self.V = ([w.new_zeros(B, self.Hkv, T, self.D) for _ in self.layers] for _ in "KV")
-        self.lm_head = Fused([model.lm_head])
+    def __init__(self, model, B, S):
+        super().__init__(model, 0, S)  # the reference's fused layers and lm_head; caches of 0 rows
+        self.S = S
 
-    def forward(self, ids, pos, attn):
+    def run(self, ids, pos, attn):
         """Run ids (n, L) at positions pos (n, L), attention by attn(layer, q, k, v) -> (n, H, L, D) with
         q (n, H, L, D) and k, v (n, Hkv, L, D) -> the last position's logits (n, V)."""
         n, L = ids.shape
@@ -72,17 +64,35 @@ class Decoder:
             x = x + down(F.silu(g) * u)[0]
         return self.lm_head(self.m.norm(x[:, -1]))[0].float()                   # (n, V)
 
-    def prefill(self, ids, pos, keys, start, rows=None):
-        """Prompt tokens: write K/V at [start, start + L) of prompt rows `rows` (None: the first n) and attend
-        to [0, start + L) where keys (n, 1, L, start + L) is True."""
-        rows = slice(0, ids.shape[0]) if rows is None else rows
+    def forward(self, ids, pos, keys, start, rows=None):
+        """sampler.Decoder.forward's contract. Prompt columns (start < P, sampler.prefill's calls) go to the
+        prompt cache's rows `rows`; a decode step (start = P + t, one token a row) attends to both caches in two
+        parts of one softmax: the prompt's K/V read once for all its rows (their G H queries stacked), then the
+        row's own completion K/V. A step ignores `keys`: set_rows' bias is their prompt part."""
+        if start < self.P:
+            rows = slice(0, ids.shape[0]) if rows is None else rows
+
+            def attn(i, q, k, v):
+                end = start + q.shape[2]
+                self.K[i][rows, :, start:end], self.V[i][rows, :, start:end] = k, v
+                return F.scaled_dot_product_attention(q, self.K[i][rows, :, :end], self.V[i][rows, :, :end],
+                                                      attn_mask=keys, enable_gqa=True)
+            return self.run(ids, pos, attn)
+        U, (n, _), G, D, t = self.K[0].shape[0], ids.shape, self.H // self.Hkv, self.D, start - self.P
 
         def attn(i, q, k, v):
-            end = start + q.shape[2]
-            self.Kp[i][rows, :, start:end], self.Vp[i][rows, :, start:end] = k, v
-            return F.scaled_dot_product_attention(q, self.Kp[i][rows, :, :end], self.Vp[i][rows, :, :end],
-                                                  attn_mask=keys, enable_gqa=True)
-        return self.forward(ids, pos, attn)
+            self.Kc[i][:, :, t:t + 1], self.Vc[i][:, :, t:t + 1] = k, v
+            qs = q.new_zeros(U, self.R, self.H, D)
+            qs[self.prompt_of, self.slot] = q[:, :, 0]
+            qs = qs.view(U, self.R, self.Hkv, G, D).transpose(1, 2).reshape(U, self.Hkv, self.R * G, D)
+            a1, l1 = attend(qs, self.K[i], self.V[i], self.bias)                  # (U, Hkv, R G, D), (U, Hkv, R G)
+            a1 = a1.view(U, self.Hkv, self.R, G, D).transpose(1, 2)[self.prompt_of, self.slot]  # (n, Hkv, G, D)
+            l1 = l1.view(U, self.Hkv, self.R, G).transpose(1, 2)[self.prompt_of, self.slot, ..., None]
+            a2, l2 = attend(q.reshape(n, self.Hkv, G, D), self.Kc[i][:, :, :t + 1], self.Vc[i][:, :, :t + 1])
+            l2 = l2[..., None]
+            lse = torch.logaddexp(l1, l2)                                         # (n, Hkv, G, 1)
+            return (a1 * (l1 - lse).exp() + a2 * (l2 - lse).exp()).view(n, self.H, 1, D)
+        return self.run(ids, pos, attn)
 
     def set_rows(self, prompt_of, prompt_mask):
         """The batch's rows: prompt_of (n,) each row's prompt, prompt_mask (U, P) the prompts' real tokens.
@@ -90,83 +100,35 @@ class Decoder:
         self.prompt_of = prompt_of
         self.slot = (prompt_of[:, None] == prompt_of[None]).tril(-1).sum(1)                  # (n,)
         self.R = int(self.slot.max()) + 1
-        self.bias = torch.zeros(prompt_mask.shape, dtype=self.Kp[0].dtype, device=prompt_mask.device
+        self.bias = torch.zeros(prompt_mask.shape, dtype=self.K[0].dtype, device=prompt_mask.device
                                 ).masked_fill(~prompt_mask.bool(), float("-inf"))[:, None, None]  # (U, 1, 1, P)
 
-    def step(self, ids, pos, t):
-        """One token per row, ids (n, 1), at completion column t. Attention in two parts of one softmax: the
-        prompt's K/V read once for all its rows (their G H queries stacked), the row's own completion K/V."""
-        U, (n, _), G, D = self.Kp[0].shape[0], ids.shape, self.H // self.Hkv, self.D
-
-        def attn(i, q, k, v):
-            self.K[i][:, :, t:t + 1], self.V[i][:, :, t:t + 1] = k, v
-            qs = q.new_zeros(U, self.R, self.H, D)
-            qs[self.prompt_of, self.slot] = q[:, :, 0]
-            qs = qs.view(U, self.R, self.Hkv, G, D).transpose(1, 2).reshape(U, self.Hkv, self.R * G, D)
-            a1, l1 = attend(qs, self.Kp[i], self.Vp[i], self.bias)                # (U, Hkv, R G, D), (U, Hkv, R G)
-            a1 = a1.view(U, self.Hkv, self.R, G, D).transpose(1, 2)[self.prompt_of, self.slot]  # (n, Hkv, G, D)
-            l1 = l1.view(U, self.Hkv, self.R, G).transpose(1, 2)[self.prompt_of, self.slot, ..., None]
-            a2, l2 = attend(q.reshape(n, self.Hkv, G, D), self.K[i][:, :, :t + 1], self.V[i][:, :, :t + 1])
-            l2 = l2[..., None]
-            lse = torch.logaddexp(l1, l2)                                         # (n, Hkv, G, 1)
-            return (a1 * (l1 - lse).exp() + a2 * (l2 - lse).exp()).view(n, self.H, 1, D)
-        return self.forward(ids, pos, attn)
-
-    def keep(self, live, t):
-        """Keep only rows `live` (bool over the rows), copying completion columns [0, t) alone; prompts with no
-        row left leave the prompt cache."""
-        for C in (self.K, self.V):
-            for i, c in enumerate(C):
-                C[i] = c.new_empty(int(live.sum()), *c.shape[1:])
-                C[i][:, :, :t] = c[live, :, :t]
-        used, prompt_of = self.prompt_of[live].unique(return_inverse=True)
-        if len(used) < self.Kp[0].shape[0]:
-            self.Kp, self.Vp = [c[used] for c in self.Kp], [c[used] for c in self.Vp]
+    def keep(self, rows, end):
+        """sampler.Decoder.keep's contract: rows (a bool mask or indices over the rows) stay, completion columns
+        [0, end - P) copied alone (sampler.Decoder.keep on Kc/Vc); prompts with no row left leave the prompt cache."""
+        REF_DECODER.keep(types.SimpleNamespace(K=self.Kc, V=self.Vc), rows, end - self.P)
+        used, prompt_of = self.prompt_of[rows].unique(return_inverse=True)
+        if len(used) < self.K[0].shape[0]:
+            self.K, self.V = [c[used] for c in self.K], [c[used] for c in self.V]
         self.set_rows(prompt_of, self.bias[used, 0, 0] == 0)
 
 
 def prefill(dec, seqs, P, pad):
-    """sampler.prefill into the prompt cache: the same layout and forwards, with Decoder.prefill as the forward
-    and Kp/Vp as the cache (U rows, one per distinct prompt)."""
-    return sampler.prefill(types.SimpleNamespace(K=dec.Kp, V=dec.Vp, forward=dec.prefill), seqs, P, pad)
+    """sampler.prefill, the caches allocated first: U = len(seqs) prompt rows of P columns, and U completion
+    rows (sampler.sample's keep(inv, P) makes them its B) of S - P columns; row u is prompt u."""
+    w, dec.P = dec.m.embed_tokens.weight, P
+    dec.K, dec.V = ([w.new_zeros(len(seqs), dec.Hkv, P, dec.D) for _ in dec.layers] for _ in "KV")
+    dec.Kc, dec.Vc = ([w.new_zeros(len(seqs), dec.Hkv, dec.S - P, dec.D) for _ in dec.layers] for _ in "KV")
+    logits, m = REF_PREFILL(dec, seqs, P, pad)
+    dec.set_rows(torch.arange(len(seqs), device=m.device), m)
+    return logits, m
 
 
-@torch.no_grad()
-def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, generator=None, plain=False):
-    """Sample from B left-padded prompt rows ids/attn (B, P) -> completion ids (B, T') padded with `pad`
-    after each row's first stop token, and mask (B, T'), 1 up to AND including that stop token."""
-    if not plain and not supported(model):
-        print(f"note: sampler: no fast path for {model.config.model_type}; full recompute (slow)", file=sys.stderr)
-        plain = True
-    (B, P), dev = ids.shape, ids.device
-    stops = torch.tensor(stops, device=dev)
-    out = torch.full((B, T), pad, dtype=torch.long, device=dev)
-    mask = torch.zeros(B, T, dtype=torch.long, device=dev)
-    rows = torch.arange(B, device=dev)                   # the original row of each batch row
-    live = torch.ones(B, dtype=torch.bool, device=dev)   # batch rows that have not stopped
-    if not plain:  # prefill the distinct prompts once (a shared prefix once); their rows share the K/V
-        uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)  # row -> prompt
-        dec = Decoder(model, len(uniq), B, P, T)
-        logits, m = prefill(dec, [u[:P][u[P:].bool()].tolist() for u in uniq], P, pad)    # (U, V), (U, P)
-        dec.set_rows(inv, m)
-        logits, cur = logits[inv], m.sum(-1, keepdim=True)[inv]  # (B, V); (B, 1): the next position
-    for t in range(T):
-        u = torch.rand(B, generator=generator, device=dev)[rows]  # one per original row, always (docstring)
-        if plain:
-            seq, seq_attn = torch.cat([ids, out[:, :t]], 1), torch.cat([attn, mask[:, :t]], 1)
-            p = (seq_attn.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=seq, attention_mask=seq_attn, position_ids=p).logits[rows, -1].float()
-        nxt = draw(logits, u, temperature, greedy)                                       # (n,)
-        out[rows[live], t], mask[rows[live], t] = nxt[live], 1
-        live &= ~torch.isin(nxt, stops)
-        if not bool(live.any()) or t == T - 1:
-            break
-        if int((~live).sum()) >= max(1, len(rows) // 8):  # drop finished rows (a cache copy costs ~20 row-steps)
-            if not plain:
-                dec.keep(live, t)
-                cur = cur[live]
-            rows, nxt, live = rows[live], nxt[live], live[live]
-        if not plain:
-            logits = dec.step(nxt[:, None], cur, t)
-            cur = cur + 1
-    return out[:, :t + 1], mask[:, :t + 1]
+def sample(*args, **kwargs):
+    """sampler.sample with this module's Decoder and prefill."""
+    saved = sampler.Decoder, sampler.prefill
+    sampler.Decoder, sampler.prefill = Decoder, prefill
+    try:
+        return sampler.sample(*args, **kwargs)
+    finally:
+        sampler.Decoder, sampler.prefill = saved
