@@ -106,7 +106,7 @@ def relearn(model, tok, det, problems, rc, steps, lr, seed, trained_hack):
     --relearn-teacher the run's teacher hacks are spliced into the groups as in training (SGTM's relearn
     test with the demonstrations the run had: how fast does a removed hack come back?)."""
     opt = torch.optim.AdamW(adapter.keep_params(model), lr=lr, weight_decay=0.0)
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    rng, gen = random.Random(seed), torch.Generator(next(model.parameters()).device).manual_seed(seed)
     log = [train.rl_step(model, tok, opt, det, None, problems, step, rng, gen, rc)[0] for step in range(steps)]
     curve = [m["hack"] for m in log]
     back = next((i + 1 for i, h in enumerate(curve) if h is not None and h >= trained_hack), None)

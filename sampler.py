@@ -18,12 +18,12 @@ The weights are whatever each module computes in its current adapter mode (`weig
 delta_S weight, the split layers' forget units, the base weight under adapters_off.
 
 Draws. Each step draws one uniform u per row of the original batch from `generator`, finished or
-not, and a row samples the token where the CDF of softmax(logits / temperature) passes u. Rows,
-batch composition and dropping finished rows therefore never change which u a row sees, and
-`plain` (the model's own forward on the whole sequence at every step, no cache) draws the SAME
-tokens wherever the logits agree. In float64 they agree to ~1e-12 and the tokens are identical
-(test_sampler.py); in float32 the summation order differs by ~1e-5 in a logit, which moves a token
-only when u falls that close to a CDF boundary.
+not, and a row samples the token where the CDF of softmax(logits / temperature) passes u. For a
+given number of rows B, the other rows and dropping finished rows therefore never change which u a
+row sees, and `plain` (the model's own forward on the whole sequence at every step, no cache) draws
+the SAME tokens wherever the logits agree. In float64 they agree to ~1e-12 and the tokens are identical
+(test_sampler.py, against a naive sampler written apart); in float32 the summation order differs by
+~1e-5 in a logit, which moves a token only when u falls that close to a CDF boundary.
 
 Other architectures (any with sliding windows, other norms or activations) use `plain` with a warning.
 
@@ -232,6 +232,7 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
         dec.keep(inv, P)                               # row b's cache: its prompt's K/V
         keys = torch.cat([m, m.new_ones(B, T)], 1)     # (B, P + T): the key positions a row attends to
         cur = m.sum(-1, keepdim=True)                  # (B, 1): the next position (real tokens so far)
+    t = -1                                               # T = 0: no step, empty completions
     for t in range(T):
         u = torch.rand(B, generator=generator, device=dev)[rows]  # one per original row, always (docstring)
         if plain:

@@ -1,6 +1,7 @@
 """
-Tests of the sampler (sampler.py): the fast path draws exactly the tokens of a plain sampler that
-recomputes the model's own forward over the whole sequence at every step, from the same generator.
+Tests of the sampler (sampler.py): the fast path and its `plain` path draw exactly the tokens of a naive
+sampler written here apart (the model's own forward over the whole sequence at every step, its own
+inverse-CDF draw), from the same generator.
 In float64, where summation order moves a logit by ~1e-12, the tokens are identical; the test
 runs there. Covered: shared prompts (groups), left padding, rows stopping at different steps
 (finished rows dropped from the batch), greedy and temperature, Llama (SmolLM2) and Qwen3 (q/k
@@ -29,14 +30,38 @@ def batch(tok, group=3):
     return enc.input_ids, enc.attention_mask
 
 
+def naive(model, ids, attn, T, stops, pad, generator, temperature=1.0, greedy=False):
+    """The reference, written apart from sampler.py: each step the model's forward over every row's whole
+    sequence, B uniforms drawn (stopped rows too), and each live row takes the first token whose CDF of
+    softmax(logits / temperature) exceeds u; pad after a row's stop token, trimmed to the longest row."""
+    B = ids.shape[0]
+    out, mask = torch.full((B, T), pad), torch.zeros(B, T, dtype=torch.long)
+    live = torch.ones(B, dtype=torch.bool)
+    for t in range(T):
+        seq, seq_attn = torch.cat([ids, out[:, :t]], 1), torch.cat([attn, mask[:, :t]], 1)
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=seq_attn,
+                           position_ids=(seq_attn.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+        u = torch.rand(B, generator=generator)
+        cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+        nxt = logits.argmax(-1) if greedy else (cdf > u[:, None] * cdf[:, -1:]).int().argmax(-1)
+        out[live, t], mask[live, t] = nxt[live], 1
+        live &= ~torch.isin(nxt, torch.tensor(stops))
+        if not live.any():
+            break
+    n = int(mask.sum(1).max())
+    return out[:, :n], mask[:, :n]
+
+
 def same_draws(model, tok, T, stops, prompts=None, **kw):
+    """The fast sampler and sampler.py's own `plain` path against `naive`, all from generator seed 3."""
     ids, attn = batch(tok) if prompts is None else prompts
-    fast = sampler.sample(model, ids, attn, T, stops, tok.pad_token_id,
-                          generator=torch.Generator().manual_seed(3), **kw)
-    plain = sampler.sample(model, ids, attn, T, stops, tok.pad_token_id, plain=True,
-                           generator=torch.Generator().manual_seed(3), **kw)
-    assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1]), (fast, plain)
-    return fast
+    want = naive(model, ids, attn, T, stops, tok.pad_token_id, torch.Generator().manual_seed(3), **kw)
+    for plain in (False, True):
+        got = sampler.sample(model, ids, attn, T, stops, tok.pad_token_id, plain=plain,
+                             generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (plain, got, want)
+    return got
 
 
 def test_fast_sampler_draws_the_plain_samplers_tokens_llama():
@@ -51,6 +76,10 @@ def test_fast_sampler_draws_the_plain_samplers_tokens_qwen3_with_early_stops():
     model, tok = loaded("tiny")
     model = copy.deepcopy(model).double()
     stops = list(range(0, len(tok), 3))  # a third of the vocabulary stops a row: rows end at different steps
+    ids, attn = batch(tok)
+    for plain in (False, True):  # no new tokens: empty completions, one per row
+        out, mask = sampler.sample(model, ids, attn, 0, stops, tok.pad_token_id, plain=plain)
+        assert out.shape == mask.shape == (len(ids), 0)
     for greedy in (False, True):
         ids, mask = same_draws(model, tok, 12, stops, greedy=greedy)
         lengths = mask.sum(1)
@@ -81,6 +110,8 @@ def test_a_shared_prefix_is_prefilled_once_and_draws_stay_the_plain_samplers():
     finally:
         sampler.Decoder.forward = forward
     assert len(set(mask.sum(1).tolist())) > 1  # rows ended at different steps
+    decode = [c[0] for c in calls if c[1] == 1]  # rows per decode step: finished rows were dropped
+    assert decode == sorted(decode, reverse=True) and decode[-1] < len(ps) + 2, decode
     # prefill's forwards: the task's prefix once (1 row), then each group's suffixes (3 rows, the longest's width)
     want = [(1, plan[0, 1, 2]), (3, max(len(seqs[i]) for i in (0, 1, 2)) - plan[0, 1, 2]),
             (3, max(len(seqs[i]) for i in (3, 4, 5)))]
