@@ -52,28 +52,29 @@ def weight_of(m):
     return m.weight
 
 
-def prepacked():
-    """Whether this torch has oneDNN's prepacked linear (the op torch.compile uses on x86 CPUs)."""
-    if not hasattr(prepacked, "ok"):
+def prepacked(dtype=torch.float32):
+    """Whether this torch and CPU run oneDNN's prepacked linear (the op torch.compile uses on x86) in dtype."""
+    ok = prepacked.__dict__.setdefault("ok", {})
+    if dtype not in ok:
         try:
-            W = torch.ones(2, 2)
-            prepacked.ok = bool(torch.ops.mkldnn._linear_pointwise(W, torch.ops.mkldnn._reorder_linear_weight(W), None,
-                                                                   "none", [], "").eq(2).all())
+            W = torch.ones(2, 2, dtype=dtype)
+            ok[dtype] = bool(torch.ops.mkldnn._linear_pointwise(W, torch.ops.mkldnn._reorder_linear_weight(W), None,
+                                                                "none", [], "").eq(2).all())
         except (AttributeError, RuntimeError):
-            prepacked.ok = False
-    return prepacked.ok
+            ok[dtype] = False
+    return ok[dtype]
 
 
 class Fused:
     """Several linears on one input: x -> [x W_1^T + b_1, x W_2^T + b_2, ...], one matmul with the weights
-    concatenated. On CPU in float32/bfloat16 they are prepacked by oneDNN once per sampling call; in float64,
-    transposed (W^T contiguous); on a GPU, used as they are."""
+    concatenated. On CPU in float32/bfloat16, where oneDNN runs it, they are prepacked once per sampling call;
+    otherwise on CPU (float64), transposed (W^T contiguous); on a GPU, used as they are."""
 
     def __init__(self, mods):
         self.Ws = [weight_of(m) for m in mods]
         self.bs = [getattr(getattr(m, "base", m), "bias", None) for m in mods]
         self.packed, self.Wt, cpu = None, None, self.Ws[0].device.type == "cpu"
-        if cpu and self.Ws[0].dtype in (torch.float32, torch.bfloat16) and prepacked():
+        if cpu and self.Ws[0].dtype in (torch.float32, torch.bfloat16) and prepacked(self.Ws[0].dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(self.Ws))  # (sum d_out, d_in)
         elif cpu:
             self.Wt = torch.cat(self.Ws).T.contiguous()                               # (d_in, sum d_out)
