@@ -60,7 +60,7 @@ TARGETS = {"backward_ratio": 1.15, "grade_fraction": 0.10, "startup_s": 15.0, "t
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ckpt.Parser(description=__doc__.split("\n\n")[0])
     # what to run
     p.add_argument("--model", default="smollm2", help="smollm2, tiny, or an HF id/path")
     p.add_argument("--device", default="auto")

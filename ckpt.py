@@ -39,6 +39,13 @@ def die(msg):
     sys.exit(2)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 (die), not the usage block (--help prints that)."""
+
+    def error(self, message):
+        die(message)
+
+
 @torch.no_grad()
 def load_adapter_state(model, sd):
     """Copy a checkpoint's adapter tensors into model (variant B's axes installed first)."""

@@ -39,7 +39,7 @@ LAPTOP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "la
 
 
 def parser():
-    p = argparse.ArgumentParser(description="GRPO with gradient routing against reward hacking (train.py)",
+    p = ckpt.Parser(description="GRPO with gradient routing against reward hacking (train.py)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model and adapter
     p.add_argument("--config", default=None, metavar="FILE",

@@ -153,11 +153,13 @@ def sweep(a, run):
     """Detector-quality sweep: one short training run per TPR (same arguments otherwise), deployed
     hack vs solve per run. Each run lands in CKPT/sweep/tpr<X> and is evaluated like the main one."""
     points = []
-    for tpr in [float(x) for x in a.sweep_tpr.split(",")]:
+    opts = {"--split": a.split, "--n": a.n, "--batch": a.batch, "--seed": a.seed, "--ablate": a.ablate,
+            "--max-new-tokens": a.max_new_tokens, "--temperature": a.temperature, "--device": a.device}
+    for tpr in a.sweep_tpr:
         out = os.path.join(a.ckpt, "sweep", f"tpr{tpr:g}")
         if not os.path.exists(os.path.join(out, "metrics.jsonl")):
             train.main(run_argv(run, out=out, tpr=tpr, steps=a.sweep_steps or run.steps))
-        sub = main(["--ckpt", out, "--n", str(a.n), "--batch", str(a.batch), "--seed", str(a.seed)], plot=False)
+        sub = main(["--ckpt", out] + [x for k, v in opts.items() if v is not None for x in (k, str(v))], plot=False)
         d = sub["models"]["deployed"]
         points.append({"tpr": tpr, "hack": d["hack"], "solve": d["solve"], "hack_unseen": d["hack_unseen"]})
     return points
@@ -170,19 +172,19 @@ def export(model, tok, out_dir):
     return out_dir
 
 
-def steps_list(s):
-    """--coherence-steps '2,8' -> [2, 8] ('' -> []); anything but increasing positive counts is an error."""
+def numbers(s, kind, ok, flag, want):
+    """'2,8' -> [kind(2), kind(8)] ('' -> []); one line and exit 2 unless ok(list), naming flag and what it wants."""
     try:
-        ks = [int(x) for x in s.split(",")] if s else []
+        v = [kind(x) for x in s.split(",")] if s else []
     except ValueError:
-        ks = [0]
-    if ks and (ks[0] < 1 or ks != sorted(set(ks))):
-        ckpt.die(f"--coherence-steps {s!r}: give increasing positive step counts, e.g. 2,8")
-    return ks
+        v = None
+    if v is None or (v and not ok(v)):
+        ckpt.die(f"{flag} {s!r}: give {want}")
+    return v
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Deploy evaluation of a train.py run")
+    p = ckpt.Parser(description="Deploy evaluation of a train.py run")
     p.add_argument("--ckpt", required=True, help="the run's --out directory")
     p.add_argument("--ablate", default="zero", choices=["zero", "reinit"])
     p.add_argument("--split", default="test", choices=["test", "validation"],
@@ -201,7 +203,7 @@ def get_args(argv=None):
                    help="how well the run's v_hack (act/grad/erase), and one extracted afresh at the trained model, "
                         "separate its hacks")
     p.add_argument("--export", default=None, metavar="DIR")
-    p.add_argument("--sweep-tpr", default=None, help="e.g. 1,0.75,0.5,0.25,0: one training run per detector TPR")
+    p.add_argument("--sweep-tpr", default="", help="e.g. 1,0.75,0.5,0.25,0: one training run per detector TPR")
     p.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: the run's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1234)
@@ -210,9 +212,12 @@ def get_args(argv=None):
 
 def main(argv=None, plot=True):
     a = get_args(argv)
-    a.coherence_steps = steps_list(a.coherence_steps)
-    if a.temperature is not None and a.temperature <= 0:
-        ckpt.die("--temperature must be positive (completions sample softmax(logits / temperature))")
+    a.coherence_steps = numbers(a.coherence_steps, int, lambda v: v[0] >= 1 and v == sorted(set(v)),
+                                "--coherence-steps", "increasing positive step counts, e.g. 2,8")
+    a.sweep_tpr = numbers(a.sweep_tpr, float, lambda v: all(0 <= x <= 1 for x in v), "--sweep-tpr",
+                          "detector TPRs in [0, 1], e.g. 1,0.5,0")
+    if any(v is not None and v <= 0 for v in (a.n, a.batch, a.max_new_tokens, a.temperature)):
+        ckpt.die("--n, --batch, --max-new-tokens and --temperature must be positive")
     if a.relearn_teacher and a.relearn_steps < 1:
         ckpt.die("--relearn-teacher is an option of the relearn probe: give --relearn-steps N too")
     torch.manual_seed(a.seed)

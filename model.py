@@ -52,19 +52,21 @@ QWEN3_TEMPLATE = (
 
 
 def pick_device(name="auto"):
-    """`auto`: CUDA if available, else CPU. A CUDA device this machine lacks: one line, exit 2."""
+    """`auto`: CUDA if available, else CPU. Not a device, or a CUDA device this machine lacks: one line, exit 2."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        index = name.partition(":")[2]
-        why = None
+    try:
+        dev, why = torch.device(name), None
+    except RuntimeError:
+        dev, why = None, "not a device (cpu, cuda, cuda:N, ...)"
+    if dev is not None and dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "CUDA is not available on this machine"
-        elif index.isdigit() and int(index) >= torch.cuda.device_count():
+        elif (dev.index or 0) >= torch.cuda.device_count():
             why = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
-        if why:
-            print(f"error: --device {name}: {why}", file=sys.stderr)
-            raise SystemExit(2)
+    if why:
+        print(f"error: --device {name}: {why}", file=sys.stderr)
+        raise SystemExit(2)
     return name
 
 

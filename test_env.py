@@ -132,12 +132,14 @@ def _device_error(name, cuda, n_gpus=0):
 
 
 def test_pick_device_without_cuda():
-    """--device cuda on a machine without CUDA (or a GPU index it lacks): one line on stderr and
-    exit 2, not a traceback."""
+    """--device cuda on a machine without CUDA (or a GPU index it lacks), or no device at all: one line on
+    stderr and exit 2, not a traceback."""
     assert _device_error("auto", False) == _device_error("cpu", False) == ("cpu", "")
     assert _device_error("cuda", False) == (2, "error: --device cuda: CUDA is not available on this machine\n")
     assert _device_error("cuda:1", True, 1) == (2, "error: --device cuda:1: this machine has 1 CUDA device(s)\n")
     assert _device_error("cuda:0", True, 1) == ("cuda:0", "")
+    for name in ("gpu", "cuda:x"):  # not a device at all
+        assert _device_error(name, True, 1) == (2, f"error: --device {name}: not a device (cpu, cuda, cuda:N, ...)\n")
 
 
 # ---- detector ----------------------------------------------------------------------------------

@@ -111,6 +111,28 @@ def test_detector_sweep_runs_one_run_per_tpr():
     assert os.path.exists(os.path.join(out, "pareto.png"))
 
 
+def test_sweep_evaluates_each_run_as_the_main_one():
+    """eval.sweep: each TPR's run is evaluated with the main evaluation's options (split, n or the whole split,
+    batch, seed, tokens, temperature, ablation, device), not eval's defaults."""
+    a = ev.get_args(["--ckpt", os.path.join(TMP, "sweep_opts"), "--split", "validation", "--batch", "8", "--seed", "3",
+                     "--max-new-tokens", "16", "--temperature", "0.7", "--ablate", "reinit", "--device", "cpu"])
+    a.sweep_tpr = [0.5]
+    os.makedirs(os.path.join(a.ckpt, "sweep", "tpr0.5"), exist_ok=True)
+    open(os.path.join(a.ckpt, "sweep", "tpr0.5", "metrics.jsonl"), "w").close()  # trained: no train.main
+    calls, main = [], ev.main
+    ev.main = lambda argv, plot: calls.append(argv) or {"models": {"deployed": dict.fromkeys(
+        ("hack", "solve", "hack_unseen"))}}
+    try:
+        ev.sweep(a, None)
+    finally:
+        ev.main = main
+    sub = vars(ev.get_args(calls[0]))
+    assert sub["ckpt"] == os.path.join(a.ckpt, "sweep", "tpr0.5") and sub["n"] is None
+    assert {k: sub[k] for k in ("split", "batch", "seed", "max_new_tokens", "temperature", "ablate", "device")} == \
+        {"split": "validation", "batch": 8, "seed": 3, "max_new_tokens": 16, "temperature": 0.7, "ablate": "reinit",
+         "device": "cpu"}
+
+
 def test_relearn_is_plain_grpo_with_the_runs_teacher_hacks_only_when_asked():
     """eval.relearn: --relearn-steps plain GRPO steps (router none, the shared forward); the run's spliced
     teacher hacks only with --relearn-teacher; the step count back to the trained model's hack rate."""
@@ -142,8 +164,8 @@ def test_relearn_is_plain_grpo_with_the_runs_teacher_hacks_only_when_asked():
 
 def test_eval_bad_input():
     """No run, a missing metrics.jsonl, an older checkpoint format, another model's adapter, an empty
-    test split, a bad --coherence-steps, --relearn-teacher without --relearn-steps, --temperature 0: one line
-    starting with error:, exit 2."""
+    test split, a bad --coherence-steps, --relearn-teacher without --relearn-steps, a count or temperature not
+    positive, a TPR not in [0, 1], an unknown split or device: one line starting with error:, exit 2."""
     src = os.path.join(TMP, "label")
     if not os.path.exists(src):
         assert run(FAST + ["--router", "label", "--steps", "2", "--out", src]) == 0
@@ -164,7 +186,9 @@ def test_eval_bad_input():
 
     cases = [os.path.join(TMP, "nothing"), variant("nometrics", drop="metrics.jsonl"), bad("--coherence-steps", "2,1"),
              bad("--coherence-steps", "x"), bad("--coherence-steps", "0"), bad("--relearn-teacher"),
-             bad("--temperature", "0"), variant("format", edit={"format": 0}),
+             bad("--temperature", "0"), bad("--n", "-1"), bad("--batch", "0"), bad("--max-new-tokens", "0"),
+             bad("--sweep-tpr", "abc"), bad("--sweep-tpr", "1,2"), bad("--split", "train"), bad("--device", "gpu"),
+             variant("format", edit={"format": 0}),
              variant("model", edit={"wrap_layers": 1, "adapter": "split"}),
              (variant("empty", edit={"source": "adjacent"}), ["--split", "validation"])]  # adjacent: test only
     for d in cases:
