@@ -18,8 +18,8 @@ the detector's seen vs unseen modes (absorption), flagged rate, mean reward, eac
 plain GRPO steps from the deployed model, hack rate after each. Export: the deployed model as a
 plain transformers directory (keep delta merged, quarantine gone).
 
-Deviations: 1. one sampled completion per (problem, mode) at the run's temperature, not pass@k;
-2. the detector-quality sweep retrains one short run per TPR and reports its deployed model only.
+Deviations: 1. one sampled completion per (problem, mode) at the run's temperature, not pass@k, each from
+its own random stream; 2. the detector-quality sweep retrains one short run per TPR, reports its deployed model.
 """
 import argparse
 import contextlib
@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import random
+import zlib
 
 import torch
 
@@ -45,19 +46,20 @@ SUBSETS = ("base", "trained", "deployed")  # + "coherent" with --coherence-steps
 
 
 def rollouts(model, tok, problems, modes, a, det, seed):
-    """One sampled completion per (problem, mode); graded and flagged. Returns a list of row dicts."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    jobs = [(p, m) for p in problems for m in modes]  # a problem's modes side by side: its prompt prefilled once
-    rows = []
+    """One sampled completion per (problem, mode), graded and flagged -> row dicts. Each draws from its own
+    generator, seeded by (seed, problem, mode): the same draws at any --batch and for every model evaluated."""
+    jobs, rows = [(p, m) for p in problems for m in modes], []  # a problem's modes side by side: one prefill
+    gens = [torch.Generator(next(model.parameters()).device).manual_seed(zlib.crc32(f"{seed}/{p.id}/{m}".encode()))
+            for p, m in jobs]
     for i in range(0, len(jobs), a.batch):
         chunk = jobs[i:i + a.batch]
         prompts = [M.chat_prompt(tok, env.build_prompt(p, m)) for p, m in chunk]
-        texts = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gen).texts
+        texts = M.generate(model, tok, prompts, a.max_new_tokens, a.temperature, generator=gens[i:i + a.batch]).texts
         grades = env.grade_batch([p for p, _ in chunk], texts, [m for _, m in chunk])
-        again = [i for i, g in enumerate(grades) if g.timed_out]  # a loaded box: once more, then `timeout`
-        for i, g in zip(again, env.grade_batch([chunk[i][0] for i in again], [texts[i] for i in again],
-                                               [chunk[i][1] for i in again])):
-            grades[i] = g
+        again = [j for j, g in enumerate(grades) if g.timed_out]  # a loaded box: once more, then `timeout`
+        for j, g in zip(again, env.grade_batch([chunk[j][0] for j in again], [texts[j] for j in again],
+                                               [chunk[j][1] for j in again])):
+            grades[j] = g
         flags = det.flags(texts)
         rows += [{"problem": p.id, "mode": m, "solve": g.gt_correct, "hack": g.exploited, "compiled": g.compiled,
                   "attempt": report.attempted(env.extract_code(t), m), "timeout": g.timed_out, "note": g.note,
@@ -68,7 +70,7 @@ def rollouts(model, tok, problems, modes, a, det, seed):
 def heldout(model, tok, problems, run, step, path):
     """train.py --eval-every: the trained and deployed models on held-out (validation) problems x every
     mode, one JSON line per call in path, so that the step where hacking sets in is visible. Its own
-    generator and an exact detector: the training run's random streams are not touched."""
+    generators and an exact detector: the training run's random streams are not touched."""
     a = argparse.Namespace(batch=64, max_new_tokens=run.max_new_tokens, temperature=run.temperature)
     seen, m = tuple(run.seen.split(",")), {"step": step}
     det = detector.WeakDetector(seen=seen, tpr=1.0, fpr=0.0, seed=run.seed)

@@ -184,8 +184,7 @@ def hub_reachable(timeout=3.0):
 
 def load_hub(name, device):
     """Any HF id or local path; local cache first, then the hub; one clear line when neither works."""
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    err = None
+    dtype, err = (torch.bfloat16 if device.startswith("cuda") else torch.float32), None
     for local_only in (True, False) if hub_reachable() else (True,):
         try:
             tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
@@ -210,8 +209,7 @@ def load_model(name="smollm2", device="cpu", layers=0):
     else:
         model, tok = load_hub(name, device)
     trim(model, layers)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok.pad_token = tok.pad_token or tok.eos_token
     model.to(device).eval()
     if device.startswith("cuda"):
         model.to(torch.bfloat16)  # every source in bf16 on a GPU (load_hub loads it so)
@@ -245,10 +243,12 @@ class Rollouts:
 
 def generate(model, tok, prompts, max_new_tokens=96, temperature=1.0, greedy=False, generator=None, rows=GEN_ROWS):
     """Sample one completion per prompt string (repeat a prompt G times for a GRPO group): sampler.py,
-    `rows` prompts at a time (the KV cache's size), one after the other from the same generator."""
+    `rows` prompts at a time (the KV cache's size), one after the other from generator (or a list: one per prompt)."""
     if len(prompts) > rows:
-        return cat_rollouts([generate(model, tok, prompts[i:i + rows], max_new_tokens, temperature, greedy,
-                                      generator, rows) for i in range(0, len(prompts), rows)], tok.pad_token_id)
+        cut = [generator[i:i + rows] if isinstance(generator, list) else generator
+               for i in range(0, len(prompts), rows)]
+        return cat_rollouts([generate(model, tok, prompts[i * rows:(i + 1) * rows], max_new_tokens, temperature, greedy,
+                                      g, rows) for i, g in enumerate(cut)], tok.pad_token_id)
     device = next(model.parameters()).device
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)  # (B, P)

@@ -215,7 +215,8 @@ def draw(logits, u, temperature, greedy):
 @torch.no_grad()
 def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, generator=None, plain=False):
     """Sample from B left-padded prompt rows ids/attn (B, P) -> completion ids (B, T') padded with `pad`
-    after each row's first stop token, and mask (B, T'), 1 up to AND including that stop token."""
+    after each row's first stop token, and mask (B, T'), 1 up to AND including that stop token.
+    generator: one for the batch, or a list of B, one per row (a row's draws then depend on its own alone)."""
     if not plain and not supported(model):
         print(f"note: sampler: no fast path for {model.config.model_type}; full recompute (slow)", file=sys.stderr)
         plain = True
@@ -233,9 +234,11 @@ def sample(model, ids, attn, T, stops, pad, temperature=1.0, greedy=False, gener
         dec.keep(inv, P)                               # row b's cache: its prompt's K/V
         keys = torch.cat([m, m.new_ones(B, T)], 1)     # (B, P + T): the key positions a row attends to
         cur = m.sum(-1, keepdim=True)                  # (B, 1): the next position (real tokens so far)
+    U = torch.stack([torch.rand(T, generator=g, device=dev) for g in generator]) if isinstance(generator, list) \
+        else None                                        # (B, T): each row's own stream
     t = -1                                               # T = 0: no step, empty completions
     for t in range(T):
-        u = torch.rand(B, generator=generator, device=dev)[rows]  # one per original row, always (docstring)
+        u = (torch.rand(B, generator=generator, device=dev) if U is None else U[:, t])[rows]  # one per original row
         if plain:
             seq, seq_attn = torch.cat([ids, out[:, :t]], 1), torch.cat([attn, mask[:, :t]], 1)
             p = (seq_attn.cumsum(-1) - 1).clamp(min=0)

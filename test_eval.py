@@ -278,10 +278,11 @@ def test_coherence_is_one_supervised_step_on_honest_no_loophole_demos():
     assert [m["warmup"] for m in log] == [0, 1] and all(m["hack_demos"] == 0 for m in log)
     assert os.path.exists(os.path.join(out, "eval_coherent1.jsonl"))
     assert "| coherent |" in open(os.path.join(out, "eval.md")).read()
-    # evaluating in between does not change the steps: --coherence-steps 2 samples the same completions as 1,2's last
+    # evaluating in between does not change the steps, nor --batch the draws (a stream per problem and mode):
+    # --coherence-steps 2 at --batch 2 samples the same completions as 1,2's last at --batch 16
     last = open(os.path.join(out, "eval_coherent.jsonl")).read()
     assert last != open(os.path.join(out, "eval_coherent1.jsonl")).read()  # the second step changed the samples
-    ev.main(["--ckpt", out, "--n", "1", "--batch", "16", "--coherence-steps", "2"], plot=False)
+    ev.main(["--ckpt", out, "--n", "1", "--batch", "2", "--coherence-steps", "2"], plot=False)
     assert open(os.path.join(out, "eval_coherent.jsonl")).read() == last
     # a run trained with --grad-ckpt (the GPU recipe) takes its retain steps checkpointed too, to the same weights
     gc, models, load = os.path.join(TMP, "label-gc"), [], ckpt.load_run

@@ -22,10 +22,14 @@ import sampler
 from test_all import loaded, run_all
 
 
-def batch(tok, group=3):
+def prompts(tok, group=3):
     """Two distinct prompts of different lengths, each repeated `group` times, interleaved."""
-    ps = [M.chat_prompt(tok, "Write is_even(n) in Python, with a docstring."), M.chat_prompt(tok, "Hi")]
-    enc = tok([ps[i % 2] for i in range(2 * group)], return_tensors="pt", padding=True, padding_side="left",
+    return [M.chat_prompt(tok, "Write is_even(n) in Python, with a docstring."), M.chat_prompt(tok, "Hi")] * group
+
+
+def batch(tok, group=3):
+    """prompts(), tokenised and left padded: ids, attention mask (2 group, P)."""
+    enc = tok(prompts(tok, group), return_tensors="pt", padding=True, padding_side="left",
               add_special_tokens=False)
     return enc.input_ids, enc.attention_mask
 
@@ -116,6 +120,27 @@ def test_a_shared_prefix_is_prefilled_once_and_draws_stay_the_plain_samplers():
     want = [(1, plan[0, 1, 2]), (3, max(len(seqs[i]) for i in (0, 1, 2)) - plan[0, 1, 2]),
             (3, max(len(seqs[i]) for i in (3, 4, 5)))]
     assert sorted(c for c in calls if c[1] > 1) == sorted(want), (calls, want)
+
+
+def test_a_generator_per_row_makes_each_rows_draws_its_own():
+    """generator: a list, one per row (eval.py seeds one per problem and mode): a row draws the same tokens
+    alone as beside the others, and model.generate cuts the list with the prompts (any chunking)."""
+    model, tok = loaded("tiny")
+    model = copy.deepcopy(model).double()
+    ids, attn = batch(tok)  # 6 rows, 2 prompts
+    stops, kw = list(range(0, len(tok), 3)), {"temperature": 1.3}
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    whole = sampler.sample(model, ids, attn, 12, stops, tok.pad_token_id, generator=gens(range(6)), **kw)
+    assert len(set(map(tuple, whole[0].tolist()))) > 2  # the rows of a prompt drew apart
+    for b in range(6):
+        out, mask = sampler.sample(model, ids[b:b + 1], attn[b:b + 1], 12, stops, tok.pad_token_id,
+                                   generator=gens([b]), **kw)
+        n = mask.shape[1]
+        assert torch.equal(whole[0][b, :n], out[0]) and whole[1][b].sum() == mask.sum(), (b, whole, out)
+    at_once, chunked = (M.generate(model, tok, prompts(tok), 12, 1.3, generator=gens(range(6)), rows=r) for r in (6, 4))
+    assert at_once.texts == chunked.texts
 
 
 def test_weight_of_matches_every_adapter_kind_and_mode():
