@@ -14,12 +14,12 @@ Deviations:
      function is unchanged); `SplitLinearIn` is SGTM's class transposed. Retain weights stay
      frozen; kind="split" keeps with a delta_S (no s_quar), so both kinds train the same keep.
   2. The forward never depends on routing: routing.Capture's Slot (`.slot`, slot.py) only hooks it.
-  3. ablate("reinit") leaves s_quar at zero: a singular-value offset is never a dead unit.
-  4. U, Vh in the model's dtype (bf16 on a GPU), S and the offsets float32; `rank` keeps the top-r
-     singular directions. W is kept and U diag(s) Vh added, so s = 0 is the base model EXACTLY at any
-     rank and dtype: rank and dtype only limit what training reaches (dW in the span of the top-r U, Vh).
-  5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode and
-     keyed on the value of s: sampling costs what the base model costs. In bf16 the merge rounds the
+  3. ablate("reinit") is SGTM's ablate(trainable=True): every forget unit re-drawn, down_proj's columns too (as SGTM's
+     c_proj, though wrap starts them at 0), so the model is NOT the deployed one; s_quar stays 0 (never a dead unit).
+  4. U, Vh in the model's dtype (bf16 on a GPU), S and offsets float32; `rank` keeps the top-r singular directions. W is
+     kept and U diag(s) Vh added: s = 0 is the base model EXACTLY at any rank and dtype (which limit only dW's reach).
+  5. No-grad forwards (sampling, eval) use the merged weight W + U diag(s) Vh, cached per mode, redone when s or
+     W's dtype or device changes: sampling costs what the base model costs. In bf16 the merge rounds the
      delta to W's precision, so the sampler's policy is not exactly the trained forward's.
   6. Variant B (vhack.set_vhack_axes): the quarantine is the v_hack axes of delta_S itself,
      s = s_keep + A c with A (r, k) orthonormal (`quar_axes`) and c the trainable s_quar.
@@ -69,8 +69,8 @@ class SVDDelta(nn.Module):
 
     @torch.no_grad()
     def merged(self):
-        s, hit = self.offset(), self._cache.get(self.mode)
-        if hit is None or not torch.equal(hit[0], s):  # deviation 5
+        s, hit, W = self.offset(), self._cache.get(self.mode), self.base.weight
+        if hit is None or (hit[1].dtype, hit[1].device) != (W.dtype, W.device) or not torch.equal(hit[0], s):  # dev. 5
             hit = self._cache[self.mode] = (s.clone(), self.weight)
         return hit[1]
 
@@ -218,8 +218,8 @@ def ablate_zero(model):
 
 
 def ablate_reinit(model):
-    """SGTM ablate(trainable=True): forget units re-drawn from N(0, std of the retain weights)."""
-    ablate_zero(model)  # s_quar stays at zero (deviation 3)
+    """SGTM ablate(trainable=True): each forget unit re-drawn from N(0, std of its retain weights) (deviation 3)."""
+    ablate_zero(model)  # s_quar stays at zero
     for m in adapter_modules(model, (SplitLinearOut, SplitLinearIn)).values():
         m.weight_forget.normal_(0.0, m.retain.base.weight.std().item())
 
@@ -229,7 +229,7 @@ ABLATIONS = {"zero": ablate_zero, "reinit": ablate_reinit}
 
 @torch.no_grad()
 def ablate(model, how="zero"):
-    """Remove exactly the quarantine (s_quar, forget units), nothing else. -> whether any weight changed."""
+    """zero: s_quar, forget units to 0, nothing else (= quarantine_off); reinit: deviation 3. -> whether any changed"""
     before = [p.clone() for p in quar_params(model)]
     ABLATIONS[how](model)
     return not all(torch.equal(b, p) for b, p in zip(before, quar_params(model)))

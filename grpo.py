@@ -15,8 +15,9 @@ of GRPO (DeepSeekMath, Shao et al. 2024, eq. 3). Departures from the DeepSeekMat
      the one that sampled them (train.py deviation 2: `label`'s unflagged rollouts train the deployed
      model; with --gen-deployed the sampler is the deployed model).
   4. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, as DeepSeekMath),
-     against the same model with its adapters switched off: no second copy of the model. beta = 0
-     by default (as TRL and Dr.GRPO); then the reference pass is only run for logging.
+     against the same model with its adapters switched off: no second copy of the model. --beta is
+     1e-3 by default (config.py); the laptop recipe sets 0 (as TRL and Dr.GRPO), and with beta = 0
+     the reference pass is only run for logging (every KL_EVERY-th step, train.py).
   5. Groups whose rewards all tie have zero advantage and are dropped before the forward pass.
   6. The end-of-turn token is inside the loss mask even though pad == eos for SmolLM2: masking
      every eos-id token (tiny-grpo's bug) means the model never learns to stop.

@@ -9,9 +9,10 @@ the routers route2-act (`act`) and route2-grad (`grad`).
 
 The split equation (`split`), per adapter module, with f_b in [0, 1] the routed share of rollout b:
     keep.grad = sum_b (1 - f_b) g_b        quarantine.grad = sum_b f_b g_b
-so keep + quarantine is exactly the unrouted gradient, and deleting the quarantine at deploy
-removes what the routed rollouts taught. g_b, the rollout's own gradient, comes from ONE backward:
-hooks reduce the per-token contributions to per-rollout sums (slot.py), never a loop of backwards.
+so keep + quarantine is exactly the unrouted gradient (not in variant B: deviation 6), and deleting
+the quarantine at deploy removes what the routed rollouts taught. g_b, the rollout's own gradient,
+comes from ONE backward: hooks reduce the per-token contributions to per-rollout sums (slot.py),
+never a loop of backwards.
 
 Module m, rollout b, position l; z = x Vh^T (delta_S coordinates), dh = dL/d(z * s):
     g_b = sum_l z_bl * dh_bl                        per-rollout gradient of s   (b, r)
@@ -21,7 +22,7 @@ Module m, rollout b, position l; z = x Vh^T (delta_S coordinates), dh = dL/d(z *
     placebo: grad's map on random axes, lo shifted so that mean_b f_b = share (controls the choice)
     uniform: f_b = share (controls the deletion: no selection at all)
     act:   per token f_bl = [cos(z_bl, v_act) > tau], inside the backward
-    erase: keep.grad (I - V^T V), the v_hack component projected out, nothing kept aside
+    erase: keep.grad (I - V^T V), the v_hack component projected out, nothing kept aside (deviation 5)
 Sign: the loss is -A log p, so g_b = -A_b grad log p(o_b), and v_grad points along
 grad log p(clean) - grad log p(hack): a hack with A > 0 (the update that teaches it) has cos_b > 0
 and is routed; with A < 0 (un-teaching it) it stays in keep. f never reads the oracle.
@@ -40,6 +41,15 @@ Deviations:
   2. One f per rollout: the per-module cosines are averaged (every module votes equally).
   3. act routes per module and position (prompt too); tau = 0 reproduces route2-act's over-routing.
   4. kind="split": the keep delta_S has no s_quar (its f share is dropped); forget units get only theirs.
+  5. erase projects v_hack out of the kept GRADIENT, not the step: Adam's per-coordinate scaling turns the
+     update partly back toward v_hack. Measured (tiny Qwen3, test_routing's six rollouts and MICRO, v_hack
+     from its four PAIRS with k = 1, holdout 0; three optim.RoutedAdamW steps at lr 1e-2, each one Capture
+     and route()): |V g_keep| / |g_keep| < 3e-7, but |V ds_keep| / |ds_keep| over the modules is median 0.029,
+     max 0.18 with erase, against 0.19, 0.41 with none (a random direction: 1/sqrt(r), 0.13 to 0.18).
+  6. Variant B (--adapter vhack, vhack.set_vhack_axes): write_grads sends only quar @ A, the on-axis part,
+     to c; the off-axis rest of sum_b f_b g_b reaches neither part, so keep + quarantine is NOT the
+     unrouted gradient. Measured (test_routing.wrapped("svd_axes"), k = 2 axes, grad router with a k = 1
+     v_hack, holdout 0.25): |sum_b g_b - (keep.grad + A quar.grad)| = 0.63 |sum_b g_b|.
 
 Shapes: n rollouts in the step, b in a micro-batch, L positions, r delta_S rank, k v_hack axes, M modules.
 """
@@ -211,8 +221,9 @@ class Capture:
 
 
 def write_grads(mod, keep, quar):
-    """keep -> s_keep; quar -> s_quar (its v_hack axes in variant B) or the forget units. A share with
-    no parameter to go to is dropped (deviation 4). Returns the squared norms written."""
+    """keep -> s_keep; quar -> s_quar or the forget units. A share with no parameter to go to is dropped
+    (deviation 4); variant B keeps only quar's part on its v_hack axes, quar @ A (deviation 6: 0.63 of the
+    unrouted gradient's norm lost in test_routing's setting). Returns the squared norms written."""
     axes, norms = getattr(mod, "quar_axes", None), []
     if axes is not None:
         quar = quar @ axes                                                 # (r,) -> (k,)

@@ -2,7 +2,8 @@
 Tests of Qwen3-4B's scale on a CPU (model.py's trim and random Qwen3-4B, adapter.py's rank and dtype, ckpt.py's
 old arguments): a trimmed model is exactly the untrimmed one's first layers, its KV cache included; delta_S at a
 truncated rank in bf16 is still the base model exactly at zero offsets, with r trainables per module and its own
-cache file; runs saved before --wrap-layers keep their meaning; one routed `grad` RL step at Qwen3-4B's shapes.
+cache file, and with non-zero offsets its captured per-rollout gradients are autograd's; the merged weight follows
+model.to(dtype); runs saved before --wrap-layers keep their meaning; one routed `grad` RL step at Qwen3-4B's shapes.
 """
 import copy
 import json
@@ -19,6 +20,7 @@ import ckpt
 import config
 import detector
 import env
+import grpo
 import model as M
 import optim
 import routing
@@ -89,6 +91,72 @@ def test_truncated_bf16_delta_is_exact_at_zero():
     assert [f.rsplit("-", 2)[1:] for f in files] == [["r4", "bfloat16.safetensors"], ["rall", "bfloat16.safetensors"]]
     again = adapter.wrap(copy.deepcopy(base), "svd", rank=4, cache_dir=TMP, model_id="tiny")  # from the cache
     assert all(torch.equal(again[n].U, m.U) and torch.equal(again[n].Vh, m.Vh) for n, m in mods.items())
+
+
+def offsets_model(dtype, seed=0):
+    """The tiny Qwen3 in `dtype`, delta_S on every target, s_keep and s_quar ~ N(0, 0.05^2) (all non-zero)."""
+    model = copy.deepcopy(loaded("tiny")[0]).to(dtype)
+    mods, g = adapter.wrap(model, "svd"), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.keep_params(model) + adapter.quar_params(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model, mods
+
+
+def test_bf16_capture_with_offsets():
+    """bf16 delta_S trains unmerged (Slot.scale) with s = s_keep + s_quar: with both non-zero, each rollout's
+    captured gradient (padded micro-batches, one backward each) is plain autograd's on that rollout alone, up to
+    bf16 rounding (measured 8.8e-3 relative; a forward on s_keep alone is off by 1.4); route() under `label`
+    then gives the quarantine the flagged rollouts' sum and the keep the rest."""
+    model, mods = offsets_model(torch.bfloat16)
+    tok = loaded("tiny")[1]
+    prompts = [M.chat_prompt(tok, q) for q in ("Write is_even(n).", "Reverse a list.", "Square x.")]
+    comps = ["def is_even(n):\n    return n % 2 == 0", "x[::-1]", "def sq(x):\n    return x * x\n# done"]
+
+    def loss(rows):
+        r = M.encode(tok, [prompts[i] for i in rows], [comps[i] for i in rows])
+        return -(grpo.token_logp(model, r) * r.completion_mask).sum()
+
+    flags = torch.tensor([True, False, True])
+    cap = routing.Capture(model, 3, routing.ROUTERS["label"], flags=flags)
+    with cap:
+        for rows in ([2, 0], [1]):
+            cap.rows(torch.tensor(rows))
+            loss(rows).backward()
+    cap.route()
+    got = {n: (m.s_keep.grad.clone(), m.s_quar.grad.clone()) for n, m in mods.items()}
+    ref = {n: [] for n in mods}
+    for b in range(3):  # the reference: autograd (no Slot), one unpadded rollout at a time
+        model.zero_grad(set_to_none=True)
+        loss([b]).backward()
+        for n, m in mods.items():
+            assert torch.equal(m.s_quar.grad, m.s_keep.grad)                # both enter through s_keep + s_quar
+            ref[n].append(m.s_keep.grad.clone())
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    err = max(rel(cap.slots[n].g[b], ref[n][b]) for n in mods for b in range(3))
+    err_route = max(max(rel(k, ref[n][1]), rel(q, ref[n][0] + ref[n][2])) for n, (k, q) in got.items())
+    assert err < 5e-2 and err_route < 5e-2, (err, err_route)
+
+
+def test_merged_cache_follows_dtype():
+    """adapter.py deviation 5: the merged weight of no-grad forwards is rebuilt after model.to(dtype), as in a copy
+    with empty caches, even when s is the same in both dtypes (multiples of 1/64: bf16 holds them and their sums)."""
+    model, _ = offsets_model(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.keep_params(model) + adapter.quar_params(model):
+            p.copy_(torch.randint(-4, 5, p.shape, generator=g) / 64)
+    ids = loaded("tiny")[1](["def is_even(n):\n    return n % 2 == 0"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            fresh = copy.deepcopy(model)
+            for m in adapter.adapter_modules(fresh).values():
+                m._cache.clear()
+            assert torch.equal(model(ids).logits, fresh(ids).logits), dtype
 
 
 def test_old_args_keep_their_meaning():

@@ -1,7 +1,8 @@
 """
 Tests of one routed update (train.routed_update) and of the optimizer that steps it (optim.py), on
 the tiny Qwen3: RoutedAdamW's steps, label's deployed keep against plain autograd, and the
-off-policy ratio against the sampler's log-prob.
+off-policy ratio against the sampler's log-prob; the pieces of the update against independent
+references: grpo.py's token log-probs and k3 KL, erase's projection, act's token rule, v_hack's sign.
 """
 import dataclasses
 
@@ -16,6 +17,7 @@ import routing
 import test_routing as tr
 import train
 import vhack
+from model import chat_prompt, encode
 
 
 def test_routed_adamw():
@@ -144,6 +146,94 @@ def test_control_routers_route_the_share():
     V = vhack.random_axes(D, 3, g)
     assert torch.allclose(V @ V.T, torch.eye(3), atol=1e-5) and (V @ D.mean(0) > 0).all()
     assert (V @ vhack.top_axes(D, 3).T).abs().max() < 0.9  # not the real axes
+
+
+def test_token_logp_matches_unpadded_reference():
+    """grpo.token_logp on left-padded prompts and right-padded completions of different lengths, at temperature
+    0.7: on the mask, each rollout's log_softmax(logits / T) of its completion tokens from ONE unpadded forward of
+    prompt + completion (token t scored at position t - 1), and the entropy -sum p log p."""
+    r = tr.rollouts(range(6))
+    P, T = r.prompt_mask.sum(1), r.completion_mask.sum(1)
+    assert P.min() < P.max() and T.min() < T.max()                      # both paddings are exercised
+    with torch.no_grad():
+        lp, ent = grpo.token_logp(tr.BASE, r, 0.7, with_entropy=True)     # (6, T)
+        for b in range(6):
+            p, t = P[b].item(), T[b].item()
+            ids = torch.cat([r.prompt_ids[b, -p:], r.completion_ids[b, :t]])  # unpadded
+            ref = torch.log_softmax(tr.BASE(ids[None]).logits[0].double() / 0.7, -1)[p - 1:p + t - 1]  # (t, V)
+            assert torch.equal(r.completion_mask[b, :t], torch.ones(t, dtype=torch.long))
+            assert (lp[b, :t] - ref.gather(-1, ids[p:, None])[:, 0]).abs().max() < 1e-4, b
+            assert (ent[b, :t] + (ref.exp() * ref).sum(-1)).abs().max() < 1e-4, b
+
+
+def test_kl_k3_is_an_unbiased_kl():
+    """grpo.kl_k3 per token is >= 0 (0 where the two log-probs agree), and its expectation under o ~ p, summed
+    exactly over a small support with weights p, is KL(p || q) = sum p (log p - log q)."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 4.0):                                           # near-equal to peaked
+        lp, lq = (torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64) * scale, 0) for _ in range(2))
+        k3 = grpo.kl_k3(lp, lq)                                             # (5,) one "token" per outcome
+        kl = sum(lp[i].exp() * (lp[i] - lq[i]) for i in range(5))
+        assert (k3 >= 0).all() and abs((lp.exp() * k3).sum() - kl) < 1e-12, (scale, kl)
+    assert torch.equal(grpo.kl_k3(lp, lp), torch.zeros(5, dtype=torch.float64))
+
+
+def test_erase_is_the_orthogonal_projection():
+    """routing.erase_vhack: with V (k, r) orthonormal rows completed to an orthonormal basis by W, the result has
+    no component along any row of V, and its components along W are g's: g - result lies in V's row span."""
+    g0 = torch.Generator().manual_seed(0)
+    for k, r in ((1, 8), (3, 16)):
+        G = torch.randn(r + 5, r, generator=g0, dtype=torch.float64)
+        Q = torch.linalg.qr(G[:r]).Q.T                                      # (r, r) orthonormal rows
+        V, W = Q[:k], Q[k:]
+        for g in (G[r], G[r + 1:]):                                         # (r,) and (4, r)
+            out = routing.erase_vhack(g, V)
+            assert out.shape == g.shape and (out @ V.T).abs().max() < 1e-12, (k, r)
+            assert ((g - out) @ W.T).abs().max() < 1e-12 and (g @ V.T).abs().max() > 0.1, (k, r)
+
+
+def test_act_token_f_thresholds_the_cosine():
+    """routing.act_token_f: a token is routed (1) exactly when cos(z, v_act) > ACT_TAU, else 0; z is built with
+    known cosines and norms (v_act not unit; a zero z is not routed), at tau 0 (the default), 0.5 and -0.5."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(8, generator=g) * 3                                     # (r,)
+    e = v / v.norm()
+    u = torch.randn(8, generator=g)
+    u = (u - (u @ e) * e) / (u - (u @ e) * e).norm()                        # unit, orthogonal to v
+    cos = torch.tensor([[0.9, 0.2, 0.01, 0.0], [-0.01, -0.4, -1.0, 0.6]])   # (b, L); z = 0 has cos 0
+    norm = torch.tensor([[1.0, 5.0, 0.1, 0.0], [2.0, 1e-2, 7.0, 3.0]])
+    z = norm[..., None] * (cos[..., None] * e + (1 - cos[..., None] ** 2).sqrt() * u)  # (b, L, r)
+    tau0 = routing.ACT_TAU
+    try:
+        for tau in (0.0, 0.5, -0.5):
+            routing.ACT_TAU = tau
+            assert torch.equal(routing.act_token_f(z, v), (cos > tau).float()), tau
+    finally:
+        routing.ACT_TAU = tau0
+
+
+def test_vhack_sign_follows_the_loss():
+    """v_hack's sign, tied to the training loss -A log p: the contrast pairs' hacks trained with A = +1 (the update
+    that teaches them) score cos_b = the band's top (calibrated as A = +1 rollouts) and are routed by `grad`, more
+    than their clean sides at A = +1; the same hacks at A = -1 (un-teaching them) score -cos_b, routed less."""
+    m, n = tr.wrapped("svd"), len(tr.PAIRS)
+    vh = vhack.extract_vhack(m, tr.TOK, tr.PAIRS, k=1, holdout=0.0)
+    prompts = [chat_prompt(tr.TOK, p["prompt"]) for p in tr.PAIRS] * 2
+    r = encode(tr.TOK, prompts, [p["hack"] for p in tr.PAIRS] + [p["clean"] for p in tr.PAIRS])
+    cos, f = {}, {}
+    for a in (1.0, -1.0):
+        cap = routing.Capture(m, 2 * n, routing.ROUTERS["grad"], vh)
+        with cap:
+            cap.rows(torch.arange(2 * n))
+            logp = grpo.token_logp(m, r)
+            adv = torch.tensor([a] * n + [1.0] * n)
+            grpo.grpo_loss(logp, logp.detach(), adv, r.completion_mask.float(), 100.0).sum().backward()
+        cap.route()
+        cos[a], f[a] = cap.cos, cap.f
+    lo, hi = vh.band
+    assert hi - lo > 0.05 and abs(cos[1.0][:n].mean() - hi) < 1e-4 and abs(cos[1.0][n:].mean() - lo) < 1e-4, vh.band
+    assert torch.allclose(cos[-1.0][:n], -cos[1.0][:n], atol=1e-5)
+    assert f[1.0][:n].min() > max(f[1.0][n:].max(), f[-1.0][:n].max()) and f[1.0][:n].mean() > 0.9, (f[1.0], f[-1.0])
 
 
 if __name__ == "__main__":
