@@ -70,6 +70,7 @@ def save_ckpt(a, model, opt, vh, step, rngs):
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump({**vars(a), "format": FORMAT}, f, indent=1)
     torch.save({"step": step, "opt": opt.state_dict(), "rngs": rngs}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final + ".old", ignore_errors=True)  # left by a run killed after the next rename
     if os.path.exists(final):
         os.replace(final, final + ".old")
     os.replace(tmp, final)
@@ -91,6 +92,8 @@ def load_ckpt(out, model):
 def saved_args(out):
     """The arguments the run in out was started with, or None."""
     path = os.path.join(out, "ckpt", "args.json")
+    if not os.path.exists(path):  # killed between save_ckpt's two renames: the previous checkpoint
+        path = os.path.join(out, "ckpt.old", "args.json")
     if not os.path.exists(path):
         return None
     saved = json.load(open(path))
@@ -104,6 +107,7 @@ def saved_args(out):
 def given_args(parser, argv):
     """The arguments named on the command line (not left at their defaults): {dest: value}."""
     quiet = copy.deepcopy(parser)
+    quiet._defaults = {}  # a --config recipe's values are defaults (set_defaults), not given
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
     return vars(quiet.parse_args(argv))
@@ -133,15 +137,30 @@ def truncate_log(path, next_step):
         f.writelines(lines)
 
 
-def rng_states(rng, gen):
-    return {"py": rng.getstate(), "torch": torch.get_rng_state(), "gen": gen.get_state(), "np": np.random.get_state()}
+def start_logs(out, start, resume):
+    """The step logs as the checkpoint of step `start` left them (a step logged after it is redone): metrics
+    and samples keep the steps < start, heldout (evaluated after a checkpoint) those <= start. A new run in
+    an old --out starts them empty."""
+    os.makedirs(out, exist_ok=True)
+    for name, keep in (("metrics.jsonl", start), ("samples.jsonl", start), ("heldout.jsonl", start + 1)):
+        truncate_log(os.path.join(out, name), keep if resume else 0)
+    open(os.path.join(out, "metrics.jsonl"), "a").close()  # --steps 0 (the warm-up only) leaves it empty
 
 
-def set_rng_states(rngs, rng, gen):
+def rng_states(rng, gen, det_rng=None):
+    """Every random stream a step draws from: the batch's (python), the weak detector's, torch's, the
+    sampling generator, numpy's."""
+    return {"py": rng.getstate(), "det": det_rng and det_rng.getstate(), "torch": torch.get_rng_state(),
+            "gen": gen.get_state(), "np": np.random.get_state()}
+
+
+def set_rng_states(rngs, rng, gen, det_rng=None):
     rng.setstate(rngs["py"])
     torch.set_rng_state(rngs["torch"])
     gen.set_state(rngs["gen"])
     np.random.set_state(rngs["np"])
+    if det_rng is not None and rngs.get("det") is not None:  # checkpoints before it was saved: from its seed
+        det_rng.setstate(rngs["det"])
 
 
 def raise_interrupt(*_):

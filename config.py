@@ -115,11 +115,17 @@ def load_recipe(p, path):
         ckpt.die(f"--config {path}: not JSON ({e.msg} at line {e.lineno})")
     if not isinstance(cfg, dict):
         ckpt.die(f"--config {path}: not a JSON object")
-    dests = {act.dest for act in p._actions}
-    bad = [k for k in cfg if not k.startswith("_") and k not in dests]
+    acts, cfg = {act.dest: act for act in p._actions}, {k: v for k, v in cfg.items() if not k.startswith("_")}
+    bad = [k for k in cfg if k not in acts]
     if bad:
         ckpt.die(f"--config {path}: unknown argument {bad[0]!r}")
-    p.set_defaults(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    for k, v in cfg.items():  # what the flag would parse: a switch true/false, an int, a number, a string
+        act, want = acts[k], {int: int, float: (int, float)}.get(acts[k].type, str)
+        switch = isinstance(act, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+        if not (isinstance(v, bool) if switch else v is None and act.default is None or
+                isinstance(v, want) and not isinstance(v, bool)):
+            ckpt.die(f"--config {path}: {k} {json.dumps(v)} is not a value of --{k.replace('_', '-')}")
+    p.set_defaults(**cfg)
 
 
 def get_args(argv=None):
@@ -150,6 +156,10 @@ def check_args(a):
         ckpt.die("--temperature must be positive (rollouts sample softmax(logits / temperature))")
     if min(a.layers, a.wrap_layers, a.rank) < 0:
         ckpt.die("--layers, --wrap-layers and --rank must not be negative (0: all)")
+    if not 0 <= a.seed < 2**32 or a.vhack_k < 1 or min(a.warmup_steps, a.teacher_until, a.beta) < 0:
+        ckpt.die("--seed must be in [0, 2^32), --vhack-k positive; --warmup-steps, --teacher-until, --beta >= 0")
+    if not all(0 <= x <= 1 for x in (a.tpr, a.fpr, a.none_frac, a.teacher_frac)):
+        ckpt.die("--tpr, --fpr, --none-frac and --teacher-frac are rates in [0, 1]")
     if a.eval_every < 0 or a.eval_n < 1:
         ckpt.die("--eval-every must not be negative (0: none), --eval-n positive")
     if a.lr <= 0 or min(a.lr_quar or 0.0, a.warmup_lr) < 0:  # the warm-up scales by lr-quar / lr
@@ -163,7 +173,7 @@ def check_args(a):
         ckpt.die(f"--eval-every {a.eval_every}: no validation problems in --source {a.source} (--eval-every 0)")
     if not env.load_problems(a.source, "train", difficulty=a.difficulty):  # a bad --source exits here, one line
         ckpt.die(f"no {a.source} training problems of difficulty {a.difficulty!r}")
-    bad = [m for m in a.modes.split(",") + a.seen.split(",") if m and m not in env.MODES]
+    bad = [m for m in a.modes.split(",") + [m for m in a.seen.split(",") if m] if m not in env.MODES]
     if bad:
         ckpt.die(f"unknown mode(s) {bad}; choose from {list(env.MODES)}")
     if not set(teach_modes(a)) <= set(a.modes.split(",")):

@@ -191,21 +191,23 @@ def reduce_update(opt, cap, stats, sums, finite):
     return bool(flat[-1] == 0)
 
 
-def save_ckpt(a, model, opt, vh, step, rng, gen):
-    """ckpt.save_ckpt by rank 0, with every rank's sampling generator state (so --resume restores each)."""
-    rngs = ckpt.rng_states(rng, gen)
+def save_ckpt(a, model, opt, vh, step, rng, gen, det):
+    """ckpt.save_ckpt by rank 0, with every rank's sampling generator and detector state (--resume restores each)."""
+    rngs = ckpt.rng_states(rng, gen, det.rng)
     if WORLD > 1:
-        rngs["gen_ranks"] = gather([gen.get_state()])
+        rngs["gen_ranks"], rngs["det_ranks"] = gather([gen.get_state()]), gather([det.rng.getstate()])
     if RANK == 0:
         ckpt.save_ckpt(a, model, opt, vh, step, rngs)
 
 
-def set_rng_states(rngs, rng, gen):
-    """ckpt.set_rng_states, then this rank's own generator; the run's number of processes is required."""
+def set_rng_states(rngs, rng, gen, det):
+    """ckpt.set_rng_states, then this rank's own generator and detector; the run's number of processes is required."""
     n = len(rngs.get("gen_ranks", [None]))
     if n != WORLD:
         ckpt.die(f"--resume: the run was checkpointed by {n} process(es); resume it with as many "
                  f"(torchrun --nproc_per_node {n}), not {WORLD}")
-    ckpt.set_rng_states(rngs, rng, gen)
+    ckpt.set_rng_states(rngs, rng, gen, det.rng)
     if WORLD > 1:
         gen.set_state(rngs["gen_ranks"][RANK])
+        if "det_ranks" in rngs:
+            det.rng.setstate(rngs["det_ranks"][RANK])

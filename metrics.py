@@ -1,6 +1,7 @@
 """
-What a training step logs. The oracle (gt_correct, exploited) is read here and nowhere else in
-training: routing sees detector flags, v_hack and gradients only (train.py).
+What a training step logs. The oracle's verdicts (gt_correct, exploited) are read here and nowhere else in
+training (the reward pays `passed` = gt_correct OR the loophole's channel, env.py): routing sees detector
+flags, v_hack and gradients only (train.py).
 
   step_metrics  reward, solve and hack rates over the on-policy rollouts (teacher rows excluded),
                 per loophole mode too: hack is the oracle's `exploited` on loophole prompts
@@ -92,7 +93,8 @@ def leakage(grades, flags, adv, active, ro):
 def summary(out):
     """Mean of every leakage and routing field over the run's RL steps -> OUT/summary.json."""
     rows = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl")) if ln.strip()]
-    keys = [k for k in (rows[0] if rows else {}) if k.startswith(("leak_", "routed", "qmass", "hack", "solve"))]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)  # every step's: a skipped step logs fewer
+            if k.startswith(("leak_", "routed", "qmass", "hack", "solve"))]
     s = {k: mean([r[k] for r in rows if r.get(k) is not None]) for k in keys}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"steps": len(rows), **s}, f, indent=1)

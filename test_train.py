@@ -83,13 +83,15 @@ def test_every_router_runs_two_steps():
 
 def test_resume_equals_uninterrupted_run():
     full, cut = os.path.join(TMP, "full"), os.path.join(TMP, "cut")
-    args = FAST + ["--router", "label", "--steps", "4"]
+    args = FAST + ["--router", "label", "--steps", "4", "--fpr", "0.3"]  # label trains on the detector's draws
     assert run(args + ["--out", full]) == 0
     assert run(args + ["--out", cut, "--stop-after", "2"]) == 0      # "killed" after step 2
-    with open(os.path.join(cut, "metrics.jsonl"), "a") as f:          # a step logged, then killed
-        f.write(json.dumps({"step": 2, "partial": True}) + "\n")      # before its checkpoint
+    for name in ("metrics.jsonl", "samples.jsonl"):                  # a step logged, then killed before its
+        open(os.path.join(cut, name), "a").write(json.dumps({"step": 2, "partial": True}) + "\n")  # checkpoint
+    shutil.copytree(os.path.join(cut, "ckpt"), os.path.join(cut, "ckpt.old"))  # and one killed mid-save
     assert run(["--resume", cut]) == 0
-    assert [m["step"] for m in metrics(cut)] == [0, 1, 2, 3]
+    assert [m["step"] for m in metrics(cut)] == [0, 1, 2, 3] and not os.path.exists(os.path.join(cut, "ckpt.old"))
+    assert metrics(cut, "samples.jsonl") == metrics(full, "samples.jsonl")
     a = load_file(os.path.join(full, "ckpt", "adapter.safetensors"))
     b = load_file(os.path.join(cut, "ckpt", "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -99,6 +101,7 @@ def test_resume_equals_uninterrupted_run():
     short, long = os.path.join(TMP, "short"), os.path.join(TMP, "long")
     assert run(FAST + ["--router", "grad", "--steps", "2", "--out", short]) == 0
     assert run(FAST + ["--router", "grad", "--steps", "3", "--out", long]) == 0
+    os.rename(os.path.join(short, "ckpt"), os.path.join(short, "ckpt.old"))  # killed between save's two renames
     assert run(["--resume", short, "--steps", "3"]) == 0
     assert [m["step"] for m in metrics(short)] == [0, 1, 2]
     a = load_file(os.path.join(long, "ckpt", "adapter.safetensors"))
@@ -168,16 +171,16 @@ def test_bad_input_is_one_line_exit_2():
     os.makedirs(ro, exist_ok=True)
     os.chmod(ro, 0o500)
     cases = [["--group-size", "1"], ["--steps", "0", "--warmup-steps", "0"], ["--steps", "-1"], ["--share", "0"],
-             ["--temperature", "0"],
-             ["--resume", os.path.join(TMP, "nothing-here")],
+             ["--temperature", "0"], ["--resume", os.path.join(TMP, "nothing-here")],
              ["--modes", "run_tests,bogus"], ["--lr", "0"], ["--micro", "0"], ["--router", "label", "--flagged-only"],
-             ["--modes", "run_tests", "--teach-modes", "exit_code"]]
+             ["--modes", "run_tests", "--teach-modes", "exit_code"], ["--tpr", "2"], ["--seed", "-1"], ["--modes", ","]]
     if os.geteuid() != 0:  # root can write anywhere; use a path under a file instead
         cases.append(["--out", os.path.join(ro, "x")])
     open(os.path.join(TMP, "a-file"), "w").close()
     cases.append(["--out", os.path.join(TMP, "a-file", "x")])  # a path under a file
     for name, text in (("bad.json", "{"), ("key.json", '{"warmup_step": 1}'), ("list.json", "[]"),
-                       ("choice.json", '{"router": "bogus"}')):
+                       ("choice.json", '{"router": "bogus"}'), ("int.json", '{"steps": 2.5}'),
+                       ("switch.json", '{"grad_ckpt": "no"}')):
         open(os.path.join(TMP, name), "w").write(text)
         cases.append(["--config", os.path.join(TMP, name)])
     cases += [["--config", os.path.join(TMP, "no-such.json")], ["--eval-every", "-1"]]

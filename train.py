@@ -8,8 +8,8 @@ One RL step (rl_step), as in nanochat's chat_rl.py with routing added:
     sample prompts -> generate G completions each -> grade (proxy reward) -> flag (weak detector)
     -> advantages -> routed backward (routing.py) -> optimizer step (optim.py) -> log
 The warm-up (warmup_step) is the same routed update on teacher demonstrations with advantage 1.
-Routing sees detector flags, v_hack and gradients only; the oracle (gt_correct, exploited) is read
-for logging only (metrics.py). Arguments: config.py. Deploy = delete the quarantine (eval.py).
+Routing sees detector flags, v_hack and gradients only; the reward pays passing the real tests or the
+loophole (env.py); exploited and gt_correct are logged only (metrics.py). Flags: config.py; deploy: eval.py.
 
 Deviations from the papers' recipes:
   1. Teacher demonstrations (teacher.py): a routed supervised warm-up, then teacher hacks spliced
@@ -243,16 +243,16 @@ def run(a):
     opt = optim.make_optimizer(model, a.lr, a.lr_quar)
     if a.resume:
         opt.load_state_dict(state["opt"])
-        dist.set_rng_states(state["rngs"], rng, gen)
+        dist.set_rng_states(state["rngs"], rng, gen, det)
     problems = env.load_problems(a.source, "train", difficulty=a.difficulty)
     held = env.load_problems(a.source, "validation", n=a.eval_n, seed=a.seed) if a.eval_every else []
+    if dist.RANK == 0:  # metrics, samples, held-out: as the checkpoint left them (a new run: empty)
+        ckpt.start_logs(a.out, start, a.resume)
     if a.warmup_steps and not a.resume:  # routed like RL rollouts; checkpointed as "step 0 to do"
         warm_up(model, tok, opt, det, vh, problems, random.Random(f"warmup/{a.seed}"), rc, a.warmup_lr,
                 a.warmup_steps, dist.rank0_file(os.path.join(a.out, "warmup.jsonl")))
-        dist.save_ckpt(a, model, opt, vh, 0, rng, gen)
+        dist.save_ckpt(a, model, opt, vh, 0, rng, gen, det)
     log_path = dist.rank0_file(os.path.join(a.out, "metrics.jsonl"))  # the other ranks log to os.devnull
-    ckpt.truncate_log(log_path, start)
-    open(log_path, "a").close()  # --steps 0 (the warm-up only) leaves it empty
     signal.signal(signal.SIGTERM, ckpt.raise_interrupt)
     held_path = os.path.join(a.out, "heldout.jsonl")  # --eval-every's log, on rank 0
 
@@ -277,7 +277,7 @@ def run(a):
             if step % SAMPLE_EVERY == 0:
                 with open(dist.rank0_file(os.path.join(a.out, "samples.jsonl")), "a") as f:
                     f.writelines(json.dumps(s) + "\n" for s in samples)
-            dist.save_ckpt(a, model, opt, vh, step + 1, rng, gen)
+            dist.save_ckpt(a, model, opt, vh, step + 1, rng, gen, det)
             bar.set_postfix_str(" ".join(f"{k} {'-' if m.get(k) is None else format(m[k], '.2f')}"
                                          for k in ("reward", "solve", "hack", "routed")))
             if due(step + 1):
