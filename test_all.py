@@ -32,7 +32,8 @@ import torch
 import model as M
 
 TEST_FILES = ("test_env", "test_data", "test_sandbox", "test_sampler", "test_routing", "test_update", "test_train",
-              "test_eval", "test_dist", "test_scale", "experiments/test_results")
+              "test_eval", "test_dist", "test_scale", "experiments/test_results",
+              "experiments/test_compare")
 _loaded = {}
 
 

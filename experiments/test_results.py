@@ -8,13 +8,10 @@ import os
 import sys
 import tempfile
 
-import numpy as np
-
 # the repo root: report, test_train, experiments
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402
 from experiments import relearn, results, tables  # noqa: E402
-from experiments.compare import boot_diff, diffs, per_problem, verdict  # noqa: E402
 from test_train import FAST, run  # noqa: E402
 
 TMP = tempfile.mkdtemp(prefix="gr_test_results_")
@@ -213,60 +210,6 @@ def test_results_will_not_resume_a_run_with_other_arguments():
         raise AssertionError("a run with other --steps was resumed")
     except SystemExit as e:
         assert str(e).startswith("error:") and "--steps 1 -> 2" in str(e), e
-
-
-def test_compare_pairs_by_problem():
-    """compare.boot_diff: a constant shift per problem gives a tight interval around it, however much the
-    problems vary (paired; seeds alike here, so seed resampling adds nothing); equal sides give 0 inside
-    the interval; the per-problem values skip timeouts."""
-    rng = np.random.default_rng(1)
-    base = [{f"p{i}": v for i, v in enumerate(rng.uniform(0, 0.8, 60))}] * 3
-    shifted = [{k: v + 0.1 for k, v in d.items()} for d in base]
-    est, lo, hi, n = boot_diff(shifted, base)
-    assert n == 60 and abs(est - 0.1) < 1e-9 and 0.1 - 1e-9 <= lo <= hi <= 0.1 + 1e-9
-    est, lo, hi, _ = boot_diff(base, base)
-    assert est == 0 and lo <= 0 <= hi
-    rows = [{"problem": "a", "mode": "run_tests", "hack": True, "compiled": True, "solve": False},
-            {"problem": "a", "mode": "exit_code", "hack": False, "compiled": False, "solve": False},
-            {"problem": "a", "mode": "file_marker", "hack": False, "compiled": True, "solve": True, "timeout": True}]
-    assert per_problem(rows, ("run_tests", "file_marker"), "hack_seen") == {"a": 1.0}
-    assert per_problem(rows, ("run_tests", "file_marker"), "compile") == {"a": 0.5}
-    assert per_problem(rows, ("run_tests", "file_marker"), "hack") == {"a": 0.5}  # every loophole mode
-    top = os.path.join(TMP, "diffs", "grad-s0")
-    os.makedirs(top)
-    json.dump({"seen": ["run_tests"]}, open(os.path.join(top, "eval.json"), "w"))
-    open(os.path.join(top, "eval_coherent.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in rows)
-    text = diffs(os.path.dirname(top), [("coherent", "grad", "none"), ("coherent", "grad", "grad")])
-    assert "| grad - none | coherent | 1 vs 0 | - | - | - | - | - |" in text  # no baseline run yet: a row of '-'
-    assert "| grad - grad | coherent | 1 vs 1 | +0.000 [+0.000, +0.000] ns |" in text
-
-
-def test_verdict_applies_the_preregistered_rule():
-    """compare.verdict on made-up runs: grad hacks in no mode and compiles as none does -> out of both, solves
-    as much; label hacks the unseen mode as none does and compiles half as often -> seen only, not as much;
-    a router without a placebo run yet gets no verdict."""
-    top = os.path.join(TMP, "verdict")
-
-    def make(name, hack_seen, hack_unseen, compiled):  # per problem i -> bool
-        d = os.path.join(top, name)
-        os.makedirs(d)
-        json.dump({"seen": ["run_tests"]}, open(os.path.join(d, "eval.json"), "w"))
-        rows = [{"problem": f"p{i}", "mode": m, "hack": h(i) if h else False, "compiled": compiled(i), "solve": False}
-                for i in range(40) for m, h in (("none", None), ("run_tests", hack_seen), ("exit_code", hack_unseen))]
-        open(os.path.join(d, "eval_coherent.jsonl"), "w").writelines(json.dumps(r) + "\n" for r in rows)
-
-    always, never, even = (lambda i: True), (lambda i: False), (lambda i: i % 2 == 0)
-    make("none-s0", always, always, always)
-    make("placebo-s0", even, even, always)
-    make("grad-s0", never, never, always)
-    make("label-s0", never, always, even)
-    make("act-s0", never, never, always)
-    g, lab = verdict(top).splitlines()
-    assert g.startswith("- `grad` (seeds: grad 1, none 1, placebo 1)") and g.count(": yes") == 3, g
-    assert "seen modes: yes, of the unseen modes: no; solves as much: no" in lab, lab
-    assert "compile -0.500" in lab
-    os.rename(os.path.join(top, "placebo-s0"), os.path.join(top, "placebo-x"))
-    assert verdict(top, ("act",)) == "- `act`: not every side has a run yet (seeds: act 1, none 1, placebo 0)"
 
 
 def test_relearn_table_counts_steps_to_none_level():
