@@ -9,7 +9,9 @@ trains Qwen3-4B on.
 
 One JSON object per line. The fields read (the others, e.g. question_id, tags, input_output, query,
 response, estimated_date, are ignored):
-  task_id              "two-sum", unique        -> id "leetcode/two-sum"; family (the split's key)
+  task_id              "two-sum", unique        -> id "leetcode/two-sum"; family, the split's key: the
+                                                   task_id without a sequel's -ii, -iii... ("jump-game-ii":
+                                                   "jump-game"), so a problem and its sequels share a split
   difficulty           "Easy" | "Medium" | "Hard"  -> easy | medium | hard
   problem_description  the statement            -> prompt: the statement, then the starter code
   starter_code         "class Solution:\\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\\n        "
@@ -21,7 +23,7 @@ response, estimated_date, are ignored):
                        -> tests, graded like HumanEval's check (judges.py)
   completion           a reference solution     -> reference: `prompt`'s import lines, then it
 
-Splits by the md5 of task_id, so a problem's split does not depend on the rest of the file:
+Splits by the md5 of the family, so a problem's split does not depend on the rest of the file:
 1/4 test, 1/4 validation, 1/2 train (md5 mod 4 = 0, 1, else).
 
 A malformed row (not JSON, not an object, a missing or non-string field, an unknown difficulty or
@@ -53,6 +55,7 @@ FIELDS = ("task_id", "difficulty", "problem_description", "starter_code", "promp
 LEVELS = {"Easy": "easy", "Medium": "medium", "Hard": "hard"}
 ENTRY = re.compile(r"(?:(\w+)\(\)\.)?(\w+)")     # "Solution().twoSum" -> (Solution, twoSum); "f" -> (None, f)
 SPLIT_OF_BUCKET = ("test", "validation", "train", "train")
+SEQUEL = re.compile(r"-(i{2,3}|iv|v|vi{1,3}|ix|x)$")  # "house-robber-iii" -> family "house-robber"
 
 
 def die(msg):
@@ -172,7 +175,7 @@ def _problem(row, prompt_tree, sig):
     reference = "\n".join(imports) + "\n\n\n" + row["completion"] if imports else row["completion"]
     prompt = (f"{row['problem_description'].strip()}\n\nComplete the following Python code.\n"
               f"```python\n{row['starter_code'].rstrip()}\n```")
-    return Problem(f"leetcode/{row['task_id']}", "leetcode", row["task_id"], LEVELS[row["difficulty"]],
+    return Problem(f"leetcode/{row['task_id']}", "leetcode", SEQUEL.sub("", row["task_id"]), LEVELS[row["difficulty"]],
                    row["entry_point"], prompt, sig, reference, row["test"], row["prompt"])
 
 

@@ -65,6 +65,11 @@ def test_leetcode_fixture_loads():
     split = {s: {p.id for p in env.load_problems(FIXTURE, s)} for s in SPLITS}
     assert all(split.values()) and sum(map(len, split.values())) == len(set.union(*split.values())) == len(probs)
     assert all(leetcode.split_of(p.family) == s for s in SPLITS for p in env.load_problems(FIXTURE, s))
+    with tempfile.TemporaryDirectory() as tmp:  # a problem and its sequels: one family, so one split
+        seq = os.path.join(tmp, "sequels.jsonl")
+        open(seq, "w").writelines(json.dumps(dict(gradable[0], task_id=t)) + "\n"
+                                  for t in ("jump-game", "jump-game-ii", "jump-game-vii"))
+        assert {p.family for p in env.load_problems(seq, "all")} == {"jump-game"}
     assert [p.id for p in env.load_problems(FIXTURE, "train", seed=3)] == \
         [p.id for p in env.load_problems(FIXTURE, "train", seed=3)]
     assert {p.difficulty for p in env.load_problems(FIXTURE, "all", difficulty="medium,hard")} == {"medium", "hard"}
