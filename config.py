@@ -17,7 +17,7 @@ solution can pass (hacking tracks the capability gap: an 8B model that solved ~2
 held-out evaluation every 20 steps so that the onset is visible. Its lr is for delta_S, not LoRA:
 Adam moves each singular value ~lr a step, so lr scales with the singular values (~sqrt of the width
 at equal weight scale: x sqrt(2560/576) from SmolLM2) and inversely with the run's length (200 RL
-steps, the laptop's 32 + 8): 5e-2 x 2.1 / 5 = 2e-2. Untuned: no GPU has run it yet.
+steps, the laptop's 32 + 8 when it was set; 32 + 16 now): 5e-2 x 2.1 / 5 = 2e-2. Untuned: no GPU has run it.
 
 The laptop recipe (recipes/laptop.json) teaches the hacks by demonstration (teacher.py), because a
 135M model does not find them by RL alone within a CPU budget. A resumed run (--resume OUT) takes its
@@ -90,7 +90,7 @@ def parser():
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=2e-2,
-                   help="keep parameters (GPU: the laptop's 5e-2 x sqrt(2560/576) x 40/200 steps, untuned)")
+                   help="keep parameters (GPU: the laptop's 5e-2 x sqrt(2560/576) x 40/200 steps then, untuned)")
     p.add_argument("--lr-quar", type=float, default=None, help="quarantine parameters (default: --lr)")
     p.add_argument("--beta", type=float, default=1e-3, help="k3 KL coefficient")
     p.add_argument("--micro", type=int, default=4, help="rollouts per forward/backward micro-batch")
