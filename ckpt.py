@@ -84,7 +84,7 @@ def load_ckpt(out, model):
     if not os.path.isdir(d) and os.path.isdir(d + ".old"):  # killed between the two renames
         d += ".old"
     load_adapter_state(model, load_file(os.path.join(d, "adapter.safetensors")))
-    st = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    st = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")  # any device resumes
     vh = vhack.VHack.load(os.path.join(d, "vhack")) if os.path.exists(os.path.join(d, "vhack.json")) else None
     return st["step"], st, vh
 
@@ -157,7 +157,8 @@ def rng_states(rng, gen, det_rng=None):
 def set_rng_states(rngs, rng, gen, det_rng=None):
     rng.setstate(rngs["py"])
     torch.set_rng_state(rngs["torch"])
-    gen.set_state(rngs["gen"])
+    if rngs["gen"].numel() == gen.get_state().numel():  # else resumed on another device type: the seed's stream
+        gen.set_state(rngs["gen"])
     np.random.set_state(rngs["np"])
     if det_rng is not None and rngs.get("det") is not None:  # checkpoints before it was saved: from its seed
         det_rng.setstate(rngs["det"])

@@ -177,7 +177,7 @@ def reduce_update(opt, cap, stats, sums, finite):
         p.grad = g.view_as(p).to(p.device, p.dtype).clone() if h > 0 else None  # cat made it float32
     seen, ro = _sum(cap.seen), stats["rollout"]
     if cap.vh is not None:
-        ro["cos"] = _rows(cap.cos, cap.seen)                                       # (n,)
+        ro["cos"] = _rows(cap.cos, cap.seen).cpu()                                 # (n,)
     ro["keep2"], ro["quar2"] = _sum(ro["keep2"]), _sum(ro["quar2"])               # (n,)
     tok = [s.tok.sum(0).cpu() for s in cap.slots.values() if s.tok is not None]  # act: routed, carrying
     routed = _sum(sum(tok, torch.zeros(2))) if cap.router.token else None

@@ -224,11 +224,9 @@ def chat_prompt(tok, user_msg, system=None):
 
 
 def stop_ids(tok):
-    """Token ids that end a completion: EOS and the chat end-of-turn token."""
-    ids = {tok.eos_token_id}
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
+    """Token ids that end a completion: EOS, the chat end-of-turn token and the end of text (Qwen3 stops on both)."""
+    ids = {tok.eos_token_id} | {i for i in map(tok.convert_tokens_to_ids, ("<|im_end|>", "<|endoftext|>"))
+                                if isinstance(i, int) and i != tok.unk_token_id}
     return sorted(i for i in ids if i is not None)
 
 

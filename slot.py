@@ -44,7 +44,7 @@ class Slot:
 
         def hook(dh):
             c = zd * dh                                                    # (b, L, r) shares of ds
-            self.add(rows, c.sum(1), None if f is None else torch.einsum("bl,blr->br", f, c))  # (b, r)
+            self.add(rows, c.sum(1), None if f is None else torch.einsum("bl,blr->br", f.to(c), c))  # (b, r)
             if f is not None:  # how many gradient-carrying positions the act router routed
                 carry = dh.ne(0).any(-1).to(f)                             # (b, L)
                 self.tok = self.acc(self.tok, rows, torch.stack([(f * carry).sum(1), carry.sum(1)], 1))
@@ -72,7 +72,7 @@ class Slot:
         rows, xd, f = self.cap.cur_rows, x.detach(), self.partner.f_tok  # token f of the retain delta
 
         def hook(dy):
-            gt = None if f is None else torch.einsum("bl,blo,bli->boi", f, dy, xd)
+            gt = None if f is None else torch.einsum("bl,blo,bli->boi", f.to(dy), dy, xd)
             self.add(rows, torch.einsum("blo,bli->boi", dy, xd), gt)
 
         y = x @ Wf.detach().requires_grad_().T

@@ -25,7 +25,7 @@ import env
 import model as M
 
 
-def demo_batch(tok, problems, rng, n, modes, none_frac, hack_share):
+def demo_batch(tok, problems, rng, n, modes, none_frac, hack_share, device="cpu"):
     """n demonstrations: (Rollouts, prompt modes, is-hack list). Loophole prompts come only from
     `modes`: the other modes are never demonstrated, not even clean."""
     prompts, texts, pmodes, hack = [], [], [], []
@@ -37,7 +37,7 @@ def demo_batch(tok, problems, rng, n, modes, none_frac, hack_share):
         texts.append(env.teacher_completion(p, m, kind, rng))
         pmodes.append(m)
         hack.append(kind == "hack")
-    return M.encode(tok, prompts, texts), pmodes, hack
+    return M.encode(tok, prompts, texts, device), pmodes, hack
 
 
 def pad_to(x, T, value):

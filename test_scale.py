@@ -141,6 +141,24 @@ def test_bf16_capture_with_offsets():
     assert err < 5e-2 and err_route < 5e-2, (err, err_route)
 
 
+def test_act_and_placebo_in_bf16():
+    """act's token rule and placebo's random axes in bf16 (a GPU's dtype): the token f (activations' dtype) meets
+    float32 per-rollout sums, the random axes the float32 gradients; one routed backward each, finite, and act
+    sends its routed tokens' part to the quarantine."""
+    model, _ = offsets_model(torch.bfloat16)
+    tok = loaded("tiny")[1]
+    pairs = detector.load_pairs()[:6]
+    r = M.encode(tok, [M.chat_prompt(tok, p["prompt"]) for p in pairs], [p["hack"] for p in pairs])
+    for name in ("act", "placebo"):
+        vh = vhack.extract_vhack(model, tok, pairs, k=1, holdout=0.0, placebo=routing.ROUTERS[name].placebo)
+        cap = routing.Capture(model, len(pairs), routing.ROUTERS[name], vh, opts={"share": 0.5})
+        with cap:
+            cap.rows(torch.arange(len(pairs)))
+            (-(grpo.token_logp(model, r) * r.completion_mask).sum()).backward()
+        stats = cap.route()
+        assert 0 < stats["qmass"] < 1 and stats["routed"] > 0, (name, stats)
+
+
 def test_merged_cache_follows_dtype():
     """adapter.py deviation 5: the merged weight of no-grad forwards is rebuilt after model.to(dtype), as in a copy
     with empty caches, even when s is the same in both dtypes (multiples of 1/64: bf16 holds them and their sums)."""

@@ -120,7 +120,7 @@ def routed_update(model, opt, r, adv, flags, active, vh, rc, kl=True, sampled=No
             sums["logp"] += (logp.detach() * mask).sum().item()
             sums["entropy"] += (ent * mask).sum().item()
     stats = cap.route()  # the split equation: keep and quarantine .grad
-    stats["rollout"] = {"cos": cap.cos, "f": cap.f, **metrics.routed_mass(cap)}  # per rollout, for the logs
+    stats["rollout"] = {"cos": cap.cos.cpu(), "f": cap.f.cpu(), **metrics.routed_mass(cap)}  # per rollout: logs
     sums["ntok"] = r.completion_mask[active].sum().item()
     finite = dist.reduce_update(opt, cap, stats, sums, finite)  # past one process: over every rank (dist.py)
     finite &= all(bool(torch.isfinite(p.grad).all()) for g in opt.param_groups for p in g["params"]
@@ -189,7 +189,7 @@ def warmup_step(model, tok, opt, det, vh, problems, rng, rc):
     normaliser). screen and penalty have no reward to act on: they drop flagged demonstrations."""
     t = time.time()
     r, pmodes, hack = teacher.demo_batch(tok, problems, rng, rc.prompts * rc.group_size, rc.teach_modes,
-                                         rc.none_frac, rc.hack_share)
+                                         rc.none_frac, rc.hack_share, next(model.parameters()).device)
     flags = torch.tensor(det.flags(r.texts), dtype=torch.bool)
     adv = torch.ones(len(r.texts))
     if rc.router.rewards is not None:

@@ -114,7 +114,7 @@ def vhack_key(model, pairs, *args):
 
 def random_axes(D, k, gen):
     """The placebo's axes: k random orthonormal directions (k, r), oriented as top_axes orients its own."""
-    V = torch.linalg.qr(torch.randn(D.shape[1], k, generator=gen)).Q.T                  # (k, r)
+    V = torch.linalg.qr(torch.randn(D.shape[1], k, generator=gen)).Q.T.to(D)            # (k, r)
     return V * torch.where(V @ D.mean(0) < 0, -1.0, 1.0)[:, None]
 
 
