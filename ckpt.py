@@ -78,11 +78,15 @@ def save_ckpt(a, model, opt, vh, step, rngs):
         shutil.rmtree(final + ".old")
 
 
+def ckpt_dir(out):
+    """OUT/ckpt, or OUT/ckpt.old where a run was killed between save_ckpt's two renames."""
+    d = os.path.join(out, "ckpt")
+    return d + ".old" if not os.path.isdir(d) and os.path.isdir(d + ".old") else d
+
+
 def load_ckpt(out, model):
     """Load the adapter (and variant B's axes) into model; returns (step, {opt, rngs}, v_hack or None)."""
-    d = os.path.join(out, "ckpt")
-    if not os.path.isdir(d) and os.path.isdir(d + ".old"):  # killed between the two renames
-        d += ".old"
+    d = ckpt_dir(out)
     load_adapter_state(model, load_file(os.path.join(d, "adapter.safetensors")))
     st = torch.load(os.path.join(d, "state.pt"), weights_only=False, map_location="cpu")  # any device resumes
     vh = vhack.VHack.load(os.path.join(d, "vhack")) if os.path.exists(os.path.join(d, "vhack.json")) else None
@@ -91,9 +95,7 @@ def load_ckpt(out, model):
 
 def saved_args(out):
     """The arguments the run in out was started with, or None."""
-    path = os.path.join(out, "ckpt", "args.json")
-    if not os.path.exists(path):  # killed between save_ckpt's two renames: the previous checkpoint
-        path = os.path.join(out, "ckpt.old", "args.json")
+    path = os.path.join(ckpt_dir(out), "args.json")
     if not os.path.exists(path):
         return None
     saved = json.load(open(path))
@@ -147,20 +149,20 @@ def start_logs(out, start, resume):
     open(os.path.join(out, "metrics.jsonl"), "a").close()  # --steps 0 (the warm-up only) leaves it empty
 
 
-def rng_states(rng, gen, det_rng=None):
+def rng_states(rng, gen, det_rng):
     """Every random stream a step draws from: the batch's (python), the weak detector's, torch's, the
     sampling generator, numpy's."""
-    return {"py": rng.getstate(), "det": det_rng and det_rng.getstate(), "torch": torch.get_rng_state(),
+    return {"py": rng.getstate(), "det": det_rng.getstate(), "torch": torch.get_rng_state(),
             "gen": gen.get_state(), "np": np.random.get_state()}
 
 
-def set_rng_states(rngs, rng, gen, det_rng=None):
+def set_rng_states(rngs, rng, gen, det_rng):
     rng.setstate(rngs["py"])
     torch.set_rng_state(rngs["torch"])
     if rngs["gen"].numel() == gen.get_state().numel():  # else resumed on another device type: the seed's stream
         gen.set_state(rngs["gen"])
     np.random.set_state(rngs["np"])
-    if det_rng is not None and rngs.get("det") is not None:  # checkpoints before it was saved: from its seed
+    if "det" in rngs:  # checkpoints from before it was saved: the detector's stream from its seed
         det_rng.setstate(rngs["det"])
 
 

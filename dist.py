@@ -195,7 +195,7 @@ def save_ckpt(a, model, opt, vh, step, rng, gen, det):
     """ckpt.save_ckpt by rank 0, with every rank's sampling generator and detector state (--resume restores each)."""
     rngs = ckpt.rng_states(rng, gen, det.rng)
     if WORLD > 1:
-        rngs["gen_ranks"], rngs["det_ranks"] = gather([gen.get_state()]), gather([det.rng.getstate()])
+        rngs["gen_ranks"], rngs["det_ranks"] = map(list, zip(*gather([(gen.get_state(), det.rng.getstate())])))
     if RANK == 0:
         ckpt.save_ckpt(a, model, opt, vh, step, rngs)
 
